@@ -1,0 +1,528 @@
+"""Typed run configuration: one JSON file, mixfast sections plus a DeepSpeed pass-through.
+
+Defaults follow ../shared/SPEC.md (ImageNet-1K MoCo v2 + MixMask column unless noted).
+Every model below forbids unknown keys, so a typo is an error naming its full path.
+Loading, ``--set`` overrides and error formatting live at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    arch: Literal["resnet18", "resnet50"] = Field(
+        "resnet50", description="torchvision backbone.")
+    width: int = Field(
+        64, ge=4, description="Channels of the first stage (64 = the standard ResNet); smaller widths make CPU demos fast.")
+    cifar_stem: bool = Field(
+        False, description="3x3 stride-1 conv1 and no max-pool (SPEC §1 CIFAR/Tiny-ImageNet backbone).")
+    head: Literal["mlp", "linear"] = Field(
+        "mlp", description="Projection head: 'mlp' (MoCo v2, dim-dim-feature_dim) or 'linear' (MoCo v1 / CIFAR).")
+    feature_dim: int = Field(128, ge=1, description="Output dimension of the projection head.")
+    bn_splits: int = Field(
+        8, ge=1, description="SplitBatchNorm groups used on a single process to emulate shuffle-BN (SPEC §1); 1 = plain BN.")
+    shuffle_bn: bool = Field(
+        True, description="Shuffle the key batch across ranks before the key encoder (MoCo shuffle-BN); needs world size > 1.")
+    sync_bn: bool = Field(False, description="Convert BatchNorm to SyncBatchNorm before deepspeed.initialize.")
+    channels_last: bool = Field(False, description="Run the encoders in channels_last memory format.")
+
+
+class MethodConfig(Section):
+    name: Literal["moco"] = Field("moco", description="Siamese framework.")
+    version: Literal[1, 2] = Field(2, description="MoCo version: 2 = MLP head + blur augmentations, 1 = linear head.")
+    queue_size: int = Field(65536, ge=1, description="Number of negative keys K in the MoCo queue.")
+    momentum: float = Field(0.999, ge=0.0, le=1.0, description="EMA momentum m of the key encoder.")
+    temperature: float = Field(0.2, gt=0.0, description="Softmax temperature tau.")
+    symmetric: bool = Field(
+        False, description="Symmetric loss (both views as query and key; SPEC §2 CIFAR variant); enqueues cat(k1, k2).")
+
+
+class MixMaskConfig(Section):
+    enabled: bool = Field(True, description="Add the MixMask branch.")
+    kind: Literal["block", "discrete"] = Field("block", description="Mask pattern (SPEC §1).")
+    grid: int = Field(8, ge=2, le=64, description="Mask grid size g (g x g cells upsampled to H x W).")
+    ratio: Union[float, tuple[float, float]] = Field(
+        0.5, description="Fraction of cells kept from the original image, or [a, b] to draw it per step from U(a, b).")
+    per_sample: bool = Field(False, description="One mask per sample (lambda per row) instead of one per batch.")
+    fill: Literal["image", "zero", "noise"] = Field(
+        "image", description="'image' = MixMask filling; 'zero'/'noise' = erase baselines (no switch term, lambda = 1).")
+    switch: bool = Field(True, description="Use the switch (reverse) term (1-lambda)*CE(q_switch, k).")
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_in_range(cls, v):
+        # A constant ratio must keep cells of both images. A range may touch 0 or 1 (paper
+        # Table 1 draws U(0, 1)): the mask generator never returns an all-0 or all-1 mask.
+        if isinstance(v, float):
+            ok = 0.0 < v < 1.0
+        else:
+            lo, hi = v
+            ok = 0.0 <= lo <= hi <= 1.0 and lo < 1.0 and hi > 0.0
+        if not ok:
+            raise ValueError(f"ratio must lie in (0, 1) (a range [a, b] needs 0 <= a <= b <= 1, not [0, 0] or [1, 1]), got {v!r}")
+        return v
+
+
+class UnMixConfig(Section):
+    enabled: bool = Field(True, description="Add the Un-Mix branch.")
+    prob_mixup: float = Field(
+        0.5, ge=0.0, le=1.0, description="P: probability of global mixup (else CutMix) per step; 0.5 with MixMask, 0 alone (SPEC §1).")
+    alpha: float = Field(1.0, gt=0.0, description="lambda ~ Beta(alpha, alpha).")
+
+
+class MixingConfig(Section):
+    mixmask: MixMaskConfig = Field(default_factory=MixMaskConfig)
+    unmix: UnMixConfig = Field(default_factory=UnMixConfig)
+
+
+# Data sets read from data.root; the others are generated in memory.
+DISK_DATASETS = ("imagefolder", "cifar10", "cifar100")
+
+
+class DataConfig(Section):
+    name: Literal["imagefolder", "cifar10", "cifar100", "demo", "synthetic"] = Field(
+        "imagefolder", description="Data set: ImageFolder tree (ImageNet, Tiny-ImageNet), CIFAR python pickles, the built-in demo, or random tensors.")
+    root: Optional[str] = Field(None, description="Data set directory (required for imagefolder/cifar*).")
+    train_split: str = Field("train", description="Sub-directory (ImageFolder) used for pre-training and the kNN memory bank.")
+    val_split: str = Field("val", description="Sub-directory (ImageFolder) used for kNN evaluation.")
+    image_size: int = Field(224, ge=8, description="Crop size of both views.")
+    augmentation: Literal["mocov2", "mocov1", "cifar"] = Field(
+        "mocov2", description="Two-view recipe (SPEC §7).")
+    crop_min_scale: Optional[float] = Field(
+        None, gt=0.0, le=1.0, description="Lower bound of RandomResizedCrop's scale; null = the recipe's (0.2 MoCo, 0.08 CIFAR).")
+    hflip: bool = Field(True, description="Random horizontal flip in both views (off for non-mirror-symmetric data such as digits).")
+    num_workers: int = Field(8, ge=0, description="DataLoader worker processes per rank.")
+    synthetic_size: int = Field(512, ge=1, description="Number of images of the synthetic data set.")
+    num_classes: int = Field(10, ge=1, description="Classes of the synthetic data set.")
+
+
+class OptimConfig(Section):
+    name: Literal["sgd"] = Field("sgd", description="Optimizer.")
+    lr: float = Field(0.03, gt=0.0, description="Peak learning rate for train.batch_size (no implicit scaling).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay.")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule, stepped per iteration.")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length in epochs.")
+    min_lr: float = Field(0.0, ge=0.0, description="Floor of the cosine schedule.")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(200, ge=1, description="Pre-training epochs.")
+    batch_size: int = Field(256, ge=2, description="Global batch size (split evenly across ranks).")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (smoke tests); the schedule still spans `epochs`.")
+    seed: int = Field(0, description="Seed of every random choice (masks, mixing, data order, init).")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="bf16 = autocast with fp32 master weights (DeepSpeed torch_autocast); fp32 = no autocast.")
+    output_dir: str = Field("runs/default", description="Checkpoints, logs, TensorBoard events and the exported backbone.")
+    checkpoint_every_steps: int = Field(1000, ge=1, description="Save a checkpoint every N steps (and always at epoch end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep on disk.")
+    resume: str = Field("auto", description="'auto' = latest checkpoint in output_dir if any, 'none' = fresh start, or a checkpoint tag.")
+
+
+class EvalConfig(Section):
+    knn_every: int = Field(10, ge=0, description="Run the kNN monitor every N epochs (0 = only at the end).")
+    knn_k: int = Field(200, ge=1, description="Neighbours k.")
+    knn_t: float = Field(0.1, gt=0.0, description="Temperature of the neighbour weights exp(sim / t).")
+    knn_at_start: bool = Field(False, description="Also evaluate the randomly initialised encoder before training.")
+    knn_features: Literal["backbone", "projector"] = Field("backbone", description="Features used by the kNN monitor.")
+
+
+class LogConfig(Section):
+    every_steps: int = Field(10, ge=1, description="Write scalars every N steps.")
+    tensorboard: bool = Field(True, description="Write TensorBoard events to output_dir/tb.")
+    progress: bool = Field(True, description="Show a progress bar (rank 0).")
+    image_grid: bool = Field(True, description="Save a PNG grid of masks and mixed/switch images for the first batch.")
+
+
+DEEPSPEED_DEFAULTS: dict[str, Any] = {
+    # DeepSpeed's default became 1.0; the papers do not clip (SPEC §8).
+    "gradient_clipping": 0.0,
+    "zero_optimization": {"stage": 0},
+    # torch.optim.SGD is not on DeepSpeed's list of ZeRO-tested optimizers.
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 10**9,
+    "wall_clock_breakdown": False,
+}
+
+
+class RunConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    mixing: MixingConfig = Field(default_factory=MixingConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to deepspeed.initialize after mixfast fills train_batch_size, micro batch and precision.")
+
+    @model_validator(mode="after")
+    def _check_data_root(self):
+        if self.data.name in DISK_DATASETS and not self.data.root:
+            raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person editing the config: it names the dotted key."""
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a JSON config, apply ``a.b.c=value`` overrides in order, validate, check the data path."""
+    raw = _read_json(Path(path))
+    for override in overrides:
+        _apply_override(raw, override)
+    cfg = _validate(raw, source=str(path))
+    _check_data_root_exists(cfg)
+    # Fail at load time rather than after the model is built in to_deepspeed_config.
+    _reject_deepspeed_precision(cfg.deepspeed)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> dict[str, Any]:
+    """The config as plain JSON types (tuples become lists); load_config reads it back unchanged."""
+    return cfg.model_dump(mode="json")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _check_data_root_exists(cfg: RunConfig) -> None:
+    if cfg.data.name in DISK_DATASETS and not Path(cfg.data.root).exists():
+        raise ConfigError(
+            f"data.root: {cfg.data.root} does not exist (data.name={cfg.data.name!r} reads from it); "
+            f"fix the path in the config or pass --set data.root=PATH")
+
+
+# --- walking the schema -----------------------------------------------------------------------
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _is_free_form(annotation: Any) -> bool:
+    """The `deepspeed` pass-through: any key below it is accepted and left to DeepSpeed."""
+    return annotation is dict or get_origin(annotation) is dict
+
+
+def _unknown_key_message(path: Sequence[str], model: type[BaseModel]) -> str:
+    allowed = list(model.model_fields)
+    message = f"{'.'.join(path)}: unknown key; allowed keys: {', '.join(allowed)}"
+    close = difflib.get_close_matches(path[-1], allowed, n=1)
+    if close:
+        message += f" (did you mean {'.'.join([*path[:-1], close[0]])}?)"
+    return message
+
+
+def _split_loc(loc: Sequence[Any]) -> tuple[list[str], tuple[Any, ...], Optional[type[BaseModel]]]:
+    """Split a pydantic error location into the schema key path and what lies below it.
+
+    Below a leaf field pydantic adds union-member names and tuple indices
+    (``ratio, 'tuple[float, float]', 1``); those are detail, not keys. Also returns the
+    section the path ends in (None when it ends in a leaf), whose keys are the allowed ones.
+    """
+    model: Optional[type[BaseModel]] = RunConfig
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        if model is None or part not in model.model_fields:
+            return path, tuple(loc[i:]), model
+        path.append(part)
+        annotation = model.model_fields[part].annotation
+        model = annotation if _is_section(annotation) else None
+    return path, (), model
+
+
+# --- pydantic errors -> ConfigError ---------------------------------------------------------------
+
+
+def _validate(raw: dict[str, Any], source: str) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = "\n".join(f"  {_describe_error(err)}" for err in e.errors())
+        raise ConfigError(f"invalid config {source}:\n{lines}") from None
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    path, below, model = _split_loc(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return _unknown_key_message([*path, str(below[0])], model)
+    reason = err["msg"].removeprefix("Value error, ")
+    if below:
+        reason += f" (as {', '.join(str(p) if isinstance(p, str) else f'item {p}' for p in below)})"
+    if not path:  # a whole-config check (RunConfig validator): its message names the keys
+        return reason
+    return f"{'.'.join(path)} = {_show_value(err['input'])}: {reason}"
+
+
+def _show_value(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return repr(value)
+
+
+# --- --set overrides --------------------------------------------------------------------------
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in the raw config dict, creating missing sections on the way."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE with a dotted key, e.g. mixing.mixmask.grid=4")
+    parts = key.strip().split(".")
+    annotation = _override_target(parts, override)
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override}: {'.'.join(parts[:depth + 1])} is {_show_value(node)} in the config file, not an object")
+    node[parts[-1]] = _parse_override_value(text, annotation)
+
+
+def _override_target(parts: list[str], override: str) -> Any:
+    """Annotation of the schema entry at `parts` (Any inside the deepspeed dict); unknown paths raise."""
+    model = RunConfig
+    for depth, part in enumerate(parts):
+        if part not in model.model_fields:
+            raise ConfigError(f"--set {override}: {_unknown_key_message(parts[:depth + 1], model)}")
+        annotation = model.model_fields[part].annotation
+        if _is_free_form(annotation):
+            return Any
+        if depth == len(parts) - 1:
+            return annotation
+        if not _is_section(annotation):
+            raise ConfigError(f"--set {override}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        model = annotation
+
+
+def _parse_override_value(text: str, annotation: Any) -> Any:
+    """JSON when the text parses as JSON, else the text itself (so data.name=synthetic works)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    # A string field keeps the text as typed: train.resume=1000 is checkpoint tag "1000", not
+    # an int that pydantic would reject. null still clears an optional string.
+    if annotation in (str, Optional[str]) and value is not None and not isinstance(value, str):
+        return text
+    return value
+
+
+# --- DeepSpeed ------------------------------------------------------------------------------
+
+
+# Keys mixfast derives from its own sections; a second, conflicting source would be ignored silently.
+_DERIVED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size (split evenly across ranks)",
+    "gradient_accumulation_steps": "nothing: mixfast steps once per batch, as the queue and EMA updates assume",
+    "torch_autocast": "train.precision",
+}
+
+
+def to_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The dict for ``deepspeed.initialize(config=...)``: defaults, the user's section, then derived keys."""
+    _reject_derived_keys(cfg.deepspeed)
+    _reject_deepspeed_precision(cfg.deepspeed)
+    ds = _deep_merge(DEEPSPEED_DEFAULTS, cfg.deepspeed)
+    ds.update(_batch_keys(cfg.train.batch_size, world_size))
+    _set_precision(ds, cfg.train.precision)
+    return ds
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A copy of base with override merged in: nested dicts merge key by key, other values replace."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _reject_derived_keys(user: dict[str, Any]) -> None:
+    for key, source in _DERIVED_DEEPSPEED_KEYS.items():
+        if key in user:
+            raise ConfigError(f"deepspeed.{key}: set by mixfast from {source}; remove it from the deepspeed section")
+
+
+def _reject_deepspeed_precision(user: dict[str, Any]) -> None:
+    for block in ("bf16", "fp16"):
+        value = user.get(block)
+        enabled = value.get("enabled", False) if isinstance(value, dict) else value
+        if enabled:
+            raise ConfigError(
+                f"deepspeed.{block}.enabled: DeepSpeed's {block} mode casts the model weights to {block}, and the "
+                f"momentum key encoder then stops moving (an m=0.999 EMA update is below {block} resolution, "
+                f"SPEC §8). Remove deepspeed.{block} and set train.precision=\"bf16\" instead: autocast with fp32 weights.")
+
+
+def _batch_keys(batch_size: int, world_size: int) -> dict[str, int]:
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    if batch_size % world_size:
+        raise ConfigError(
+            f"train.batch_size={batch_size} is not divisible by the world size {world_size}; "
+            f"every rank gets the same micro-batch, so pick a multiple of {world_size}")
+    return {
+        "train_batch_size": batch_size,
+        "train_micro_batch_size_per_gpu": batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+    }
+
+
+def _set_precision(ds: dict[str, Any], precision: str) -> None:
+    # DeepSpeed's bf16/fp16 blocks would cast the weights (see _reject_deepspeed_precision): keep
+    # them off explicitly and get mixed precision from autocast around fp32 weights instead.
+    for block in ("bf16", "fp16"):
+        existing = ds.get(block)
+        ds[block] = {**(existing if isinstance(existing, dict) else {}), "enabled": False}
+    if precision == "bf16":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+
+
+# --- reference documentation --------------------------------------------------------------------
+
+
+_BOUND_SYMBOLS = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
+
+
+def config_reference_markdown() -> str:
+    """Markdown tables of every config key (dotted path, type, default, description)."""
+    lines = [
+        "## Configuration reference",
+        "",
+        "One JSON file holds every section; any key left out takes the default below. "
+        "Override any key from the command line with `--set a.b.c=value` (JSON values; "
+        "anything that is not JSON is a string). Unknown keys are errors.",
+    ]
+    for prefix, model in _sections(RunConfig, ""):
+        leaves = {name: f for name, f in model.model_fields.items() if not _is_section(f.annotation)}
+        if not leaves:
+            continue
+        lines += ["", f"### `{prefix}`" if prefix else "### Top-level keys", "",
+                  "| key | type | default | description |", "|---|---|---|---|"]
+        lines += [_markdown_row(f"{prefix}.{name}" if prefix else name, f) for name, f in leaves.items()]
+    lines += [
+        "",
+        "### DeepSpeed section",
+        "",
+        "`deepspeed` is merged over these defaults, then mixfast sets `train_batch_size`, "
+        "`train_micro_batch_size_per_gpu` (= `train.batch_size` / world size), "
+        "`gradient_accumulation_steps` = 1 and, for `train.precision` = `bf16`, "
+        "`torch_autocast` = bfloat16. DeepSpeed's own `bf16`/`fp16` blocks are refused: they cast "
+        "the weights, which stalls the momentum encoder.",
+        "",
+        "```json",
+        json.dumps(DEEPSPEED_DEFAULTS, indent=2),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sections(model: type[BaseModel], prefix: str) -> Iterator[tuple[str, type[BaseModel]]]:
+    """Every section below `model` depth-first, then `model` itself (so top-level keys come last)."""
+    for name, field in model.model_fields.items():
+        if _is_section(field.annotation):
+            yield from _sections(field.annotation, f"{prefix}.{name}" if prefix else name)
+    yield prefix, model
+
+
+def _markdown_row(path: str, field: FieldInfo) -> str:
+    default = _show_value(field.get_default(call_default_factory=True))
+    cells = [f"`{path}`", _type_label(field.annotation) + _bounds_label(field), f"`{default}`", field.description or ""]
+    # A literal | would end the table cell.
+    return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+
+def _type_label(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in args)
+    if origin is Union:
+        return " | ".join(_type_label(a) for a in args)
+    if origin is tuple:
+        return "[" + ", ".join(_type_label(a) for a in args) + "]"
+    if _is_free_form(annotation):
+        return "object"
+    if annotation is type(None):
+        return "null"
+    return annotation.__name__
+
+
+def _bounds_label(field: FieldInfo) -> str:
+    bounds = [f"{symbol} {getattr(m, attr)}" for m in field.metadata
+              for attr, symbol in _BOUND_SYMBOLS.items() if hasattr(m, attr)]
+    return f" ({', '.join(bounds)})" if bounds else ""
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mixfast.config",
+        description="Print the config reference, or check a config and print it fully resolved.")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--markdown", action="store_true", help="print the markdown reference of every key")
+    action.add_argument("--config", help="JSON config to load, validate and print resolved")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, e.g. --set mixing.mixmask.grid=4 (repeatable)")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        if args.overrides:
+            parser.error("--set applies to --config only")
+        print(config_reference_markdown(), end="")
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(dump_config(cfg), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Resumable distributed sampling and the train / kNN DataLoaders.
+
+Train batches are dicts ``{"x1", "x2", "label", "index", "skipped"}``. Items that failed
+to load (``None`` from the data set) are dropped by the collate function and counted in
+``"skipped"``; the batch is then refilled from its own good items so that every batch has
+exactly ``batch_size_per_rank`` rows. A constant batch size is what MoCo's all-gathers
+(shuffle-BN, enqueue) need across ranks, and what a queue sized in whole batches expects.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+# Stream tags, so the data order and the augmentations never share a random stream.
+_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+
+
+def _seed_sequence(seed: int, stream: int, key: int) -> np.random.SeedSequence:
+    """Independent stream per (seed, stream, key); SeedSequence needs non-negative entropy, so wrap."""
+    return np.random.SeedSequence([seed % 2**63, stream, key])
+
+
+class ResumableDistributedSampler(Sampler[int]):
+    """Shards one per-epoch permutation across ranks and can resume mid-epoch.
+
+    Every rank draws the same permutation from ``(seed, epoch)``, drops the tail that
+    does not divide evenly (so all ranks have the same number of steps per epoch) and
+    takes every ``num_replicas``-th index starting at ``rank``. ``set_epoch(epoch, start)``
+    skips the first ``start`` indices of this rank's shard: the samples a checkpointed run
+    had already drawn in that epoch (``steps_in_epoch * batch_size_per_rank``, including
+    any that were skipped as unreadable).
+    """
+
+    def __init__(self, dataset_len: int, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must lie in [0, {num_replicas}), got {rank}")
+        if dataset_len < num_replicas:
+            raise ValueError(f"data set of {dataset_len} items cannot feed {num_replicas} ranks")
+        self.dataset_len = dataset_len
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.samples_per_rank = dataset_len // num_replicas
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.samples_per_rank:
+            raise ValueError(f"start must lie in [0, {self.samples_per_rank}], got {start}")
+        self.epoch = epoch
+        self.start = start
+
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's full index list for ``epoch`` (before skipping ``start``)."""
+        if self.shuffle:
+            order = np.random.default_rng(_seed_sequence(self.seed, _ORDER_STREAM, epoch)).permutation(self.dataset_len)
+        else:
+            order = np.arange(self.dataset_len)
+        used = order[: self.samples_per_rank * self.num_replicas]
+        return used[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shard(self.epoch)[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.samples_per_rank - self.start
+
+
+class SeededSampler(ResumableDistributedSampler):
+    """Yields ``(index, augmentation_seed)`` keys, the seed a pure function of
+    ``(seed, epoch, index)``. A data set that seeds its random transforms from the key
+    (``TwoViewDataset``) then produces the same views whichever worker, rank count or
+    resume point serves the sample, so a resumed run sees exactly the views it would
+    have seen (and the losses match an uninterrupted run)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch_seq = _seed_sequence(self.seed, _AUGMENT_STREAM, self.epoch)
+        seeds = epoch_seq.generate_state(self.dataset_len, np.uint64) >> np.uint64(1)
+        return ((i, int(seeds[i])) for i in self.shard(self.epoch)[self.start:].tolist())
+
+
+def _drop_failed(batch: Sequence) -> tuple[list, int]:
+    good = [item for item in batch if item is not None]
+    if not good:
+        raise RuntimeError(f"all {len(batch)} items of a batch failed to load; check the data set")
+    return good, len(batch) - len(good)
+
+
+def collate_two_views(batch: Sequence) -> dict:
+    """Collate ``(x1, x2, label, index)`` items; failed items are counted, then refilled."""
+    good, skipped = _drop_failed(batch)
+    # Repeat good items cyclically to restore the batch size (see the module docstring).
+    full = [good[i % len(good)] for i in range(len(batch))]
+    x1, x2, label, index = default_collate(full)
+    return {"x1": x1, "x2": x2, "label": label, "index": index, "skipped": skipped}
+
+
+def collate_eval(batch: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate ``(x, label)`` items, dropping failed ones (a kNN batch may be short)."""
+    good, _ = _drop_failed(batch)
+    return default_collate(good)
+
+
+def _worker_options(num_workers: int) -> dict:
+    return {
+        "num_workers": num_workers,
+        "persistent_workers": num_workers > 0,  # avoid re-forking workers every epoch
+        "pin_memory": torch.cuda.is_available(),
+    }
+
+
+def build_train_loader(dataset: Dataset, batch_size_per_rank: int, rank: int, world_size: int,
+                       seed: int, num_workers: int) -> DataLoader:
+    """Pre-training loader; call ``loader.sampler.set_epoch(epoch, start)`` before each epoch."""
+    # Augmentations are seeded per sample from the sampler's keys, not per worker.
+    sampler = SeededSampler(len(dataset), world_size, rank, seed)
+    return DataLoader(dataset, batch_size=batch_size_per_rank, sampler=sampler, drop_last=True,
+                      collate_fn=collate_two_views, **_worker_options(num_workers))
+
+
+def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    """Sequential kNN loader yielding ``(x, label)``; keeps the last partial batch."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
+                      collate_fn=collate_eval, **_worker_options(num_workers))

@@ -1,0 +1,100 @@
+"""DeepSpeed checkpoints plus mixfast's client state, auto-resume and pruning.
+
+DeepSpeed saves the trained module, optimizer and LR scheduler; the client state adds what
+it does not own (SPEC §8): the momentum encoder, queue and pointer, the training position
+(epoch, global step, batches consumed in the epoch), RNG states and the kNN history.
+DeepSpeed writes the `latest` file only after a checkpoint is complete, so a run killed
+while saving resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mixfast.engine import distributed as dist_utils
+
+STEP_TAG = re.compile(r"^step(\d+)$")
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step: int = 0                  # optimizer steps done
+    batch_in_epoch: int = 0        # batches of `epoch` already consumed
+    knn_random_init: Optional[float] = None
+    knn_history: list = field(default_factory=list)  # [(epoch, top1)]
+    skipped_images: int = 0
+
+
+def checkpoint_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, moco, state: TrainState, output_dir: str, keep: int, tag: Optional[str] = None,
+         save_latest: bool = True) -> str:
+    """Every rank must call this (DeepSpeed's rule). Returns the tag."""
+    tag = tag or f"step{state.step:09d}"
+    client_state = {
+        "mixfast_train_state": asdict(state),
+        "mixfast_moco": {"key_encoder": moco.key_encoder.state_dict(), "queue": moco.queue,
+                         "queue_ptr": moco.queue_ptr},
+        "mixfast_rng": _rng_state(),
+    }
+    engine.save_checkpoint(checkpoint_dir(output_dir), tag=tag, client_state=client_state, save_latest=save_latest)
+    if dist_utils.is_main():
+        _prune(checkpoint_dir(output_dir), keep)
+    dist_utils.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: str, keep: int) -> None:
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(ckpt_dir) if (m := STEP_TAG.match(name)))
+    for _, name in steps[:-keep]:
+        shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+
+
+def resume(engine, moco, output_dir: str, how: str) -> Optional[TrainState]:
+    """Load per `train.resume` ('auto' | 'none' | tag). Returns the state, or None for a fresh run."""
+    if how == "none":
+        return None
+    ckpt_dir = checkpoint_dir(output_dir)
+    if how == "auto":
+        if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
+            return None
+        tag = None
+    else:
+        tag = how
+        if not os.path.isdir(os.path.join(ckpt_dir, tag)):
+            raise FileNotFoundError(f"train.resume: no checkpoint {os.path.join(ckpt_dir, tag)!r}")
+    path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if path is None:
+        raise RuntimeError(f"train.resume: DeepSpeed could not load a checkpoint from {ckpt_dir!r}")
+    moco_state = client["mixfast_moco"]
+    moco.key_encoder.load_state_dict(moco_state["key_encoder"])
+    moco.queue.copy_(moco_state["queue"])
+    moco.queue_ptr.copy_(moco_state["queue_ptr"])
+    _set_rng_state(client["mixfast_rng"])
+    return TrainState(**client["mixfast_train_state"])

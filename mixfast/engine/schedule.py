@@ -1,0 +1,21 @@
+"""Learning-rate schedule by optimizer step: linear warm-up then cosine (or constant)."""
+
+from __future__ import annotations
+
+import math
+
+from mixfast.config import OptimConfig
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
+    if warmup_steps > 0 and step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_multiplier(total_steps: int, warmup_steps: int, cfg: OptimConfig):
+    """For torch.optim.lr_scheduler.LambdaLR (DeepSpeed steps it and saves it in checkpoints)."""
+    return lambda step: lr_at(step, total_steps, warmup_steps, cfg) / cfg.lr

@@ -1,0 +1,69 @@
+"""kNN monitor (SPEC §6, InstDisc style): weighted k-nearest-neighbour top-1 accuracy.
+
+Features are L2-normalized; the memory bank is the training split under the test
+transform; class score = Σ over the top-k neighbours of exp(sim / t). With several ranks
+each extracts features of its shard and the shards are gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixfast.engine import distributed as dist_utils
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, loader, device, channels_last: bool = False):
+    feats, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats.append(F.normalize(encoder(x).float(), dim=1))
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_predict(test_feats, bank_feats, bank_labels, num_classes: int, k: int, t: float, chunk: int = 1024):
+    """Top-1 predicted class per test row; chunked so the similarity matrix stays small."""
+    k = min(k, bank_feats.size(0))
+    preds = []
+    for start in range(0, test_feats.size(0), chunk):
+        sim = test_feats[start:start + chunk] @ bank_feats.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.size(0), num_classes, device=sim.device)
+        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / t).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def _gather_uneven(t: torch.Tensor) -> torch.Tensor:
+    """all-gather tensors whose first dimension differs across ranks (pad, gather, trim)."""
+    if dist_utils.world_size() == 1:
+        return t
+    n = torch.tensor([t.size(0)], device=t.device)
+    sizes = dist_utils.all_gather_cat(n).tolist()
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.size(0)] = t
+    gathered = dist_utils.all_gather_cat(padded).split(max(sizes))
+    return torch.cat([g[:s] for g, s in zip(gathered, sizes)])
+
+
+@torch.no_grad()
+def knn_accuracy(encoder: nn.Module, bank_loader, test_loader, num_classes: int, k: int = 200, t: float = 0.1,
+                 device="cpu", channels_last: bool = False) -> float:
+    """Top-1 accuracy in percent. Loaders yield this rank's shard of (images, labels)."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        bank_f, bank_y = extract_features(encoder, bank_loader, device, channels_last)
+        test_f, test_y = extract_features(encoder, test_loader, device, channels_last)
+    finally:
+        encoder.train(was_training)
+    bank_f, bank_y = _gather_uneven(bank_f), _gather_uneven(bank_y)
+    correct = (knn_predict(test_f, bank_f, bank_y, num_classes, k, t) == test_y).sum().float()
+    total = torch.tensor(float(test_y.numel()), device=correct.device)
+    correct, total = dist_utils.all_reduce_sum(correct), dist_utils.all_reduce_sum(total)
+    return float(100.0 * correct / total)

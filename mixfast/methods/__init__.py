@@ -1,0 +1,3 @@
+from mixfast.methods.moco import MoCo, QueryEncoder, build_moco
+
+__all__ = ["MoCo", "QueryEncoder", "build_moco"]

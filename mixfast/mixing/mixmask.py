@@ -1,0 +1,64 @@
+"""MixMask sampling policy (SPEC §1): which mask, which ratio, which partner.
+
+The tensor work (mask generation, upsampling, mixing, λ) is `mixfast.ops`; this module only
+decides what to ask for. One mask per batch by default (the reference code), per sample
+optionally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mixfast import ops
+from mixfast.config import MixMaskConfig
+from mixfast.mixing.rng import STREAM_MIXMASK, STREAM_NOISE, flip_permutation, step_generator, step_numpy_rng
+
+
+@dataclass
+class MaskedBatch:
+    mixed: torch.Tensor
+    masks: torch.Tensor            # bool [1 or B, g, g]
+    perm: torch.Tensor             # filler of row i is x[perm[i]]
+    pixel_lam: torch.Tensor        # float32 [1] or [B]: fraction of pixels from x_i
+    weight_own: torch.Tensor       # loss weight of row i against its own key
+    weight_filler: torch.Tensor    # loss weight of row i against key perm[i] (the switch term)
+
+
+class MixMaskMixer:
+    def __init__(self, cfg: MixMaskConfig, seed: int, rank: int):
+        self.cfg, self.seed, self.rank = cfg, seed, rank
+
+    def _ratio(self, step: int) -> float:
+        if isinstance(self.cfg.ratio, float):
+            return self.cfg.ratio
+        lo, hi = self.cfg.ratio
+        return float(step_numpy_rng(self.seed, self.rank, STREAM_MIXMASK, step).uniform(lo, hi))
+
+    def __call__(self, x: torch.Tensor, step: int, random_partner: bool) -> MaskedBatch:
+        """Mix view `x` (normalized, [B,C,H,W]). `random_partner`: a fresh permutation
+        (used together with Un-Mix, which keeps flip); otherwise flip."""
+        b = x.size(0)
+        n_masks = b if self.cfg.per_sample else 1
+        masks = ops.make_masks(n_masks, self.cfg.grid, self._ratio(step), self.cfg.kind,
+                               seed=self.seed * 65537 + self.rank, step=step)
+        if random_partner:
+            perm = torch.randperm(b, generator=step_generator(self.seed, self.rank, STREAM_MIXMASK, step)).to(x.device)
+        else:
+            perm = flip_permutation(b, x.device)
+        if self.cfg.fill == "image":
+            mixed, _, lam = ops.mix(x, masks, perm)
+            own = lam.expand(b)
+            filler = (1 - lam).expand(b) if self.cfg.switch else torch.zeros_like(own)
+        else:
+            # Erase baselines (MSCN): no partner image, so no switch term, and λ = 1 (SPEC §1).
+            if self.cfg.fill == "zero":
+                filler_img = torch.zeros_like(x)
+            else:
+                gen = step_generator(self.seed, self.rank, STREAM_NOISE, step)
+                filler_img = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+            mixed, _, lam = ops.mix(x, masks, perm, filler=filler_img)
+            own, filler = torch.ones(b, device=x.device), torch.zeros(b, device=x.device)
+        return MaskedBatch(mixed, masks, perm, lam, own, filler)

@@ -1,0 +1,517 @@
+"""Reference (pure PyTorch) implementations of mixfast's mixing and loss ops.
+
+This module is the *specification* that faster backends (native / Triton kernels) are
+tested against. Everything here favours clarity over speed, works in float64 where that
+makes sense, and states the math it computes in its docstring. See ``/work/shared/SPEC.md``
+§1 (MixMask) and §2 (Un-Mix).
+
+Conventions
+-----------
+* ``x`` is a batch ``[B, C, H, W]`` of already-normalized images.
+* A MixMask grid mask holds ``1`` where the pixel is **kept from the original image**
+  ``x_i`` and ``0`` where it is taken from the filler ``x_perm[i]``.
+* ``flip`` is the pairing ``i -> B-1-i`` (its own inverse).
+
+Public functions: :func:`make_masks`, :func:`upsample_masks`, :func:`mix`,
+:func:`rand_bbox`, :func:`unmix`, :func:`soft_infonce`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "make_masks",
+    "upsample_masks",
+    "mix",
+    "rand_bbox",
+    "unmix",
+    "soft_infonce",
+    "mask_seed",
+]
+
+_MASK_KINDS = ("block", "discrete")
+_MIN_GRID = 2
+_MAX_GRID = 64
+_U64 = (1 << 64) - 1
+
+# BEiT block-masking constants (SPEC §1).
+_BLOCK_MIN_PATCHES = 4
+_BLOCK_MIN_ASPECT = 0.3
+_BLOCK_ATTEMPTS = 10
+
+_MIX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _splitmix64(z: int) -> int:
+    """One step of SplitMix64 (Steele, Lea & Flood 2014) on a 64-bit unsigned integer."""
+    z = (z + 0x9E3779B97F4A7C15) & _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def mask_seed(seed: int, step: int, index: int) -> int:
+    """64-bit seed of mask ``index``'s random stream at training step ``step``.
+
+    ``key = sm(sm(sm(seed mod 2^64) XOR (step mod 2^64)) XOR (index mod 2^64))`` where
+    ``sm`` is the SplitMix64 finalizer. Negative integers are taken modulo 2^64 (two's
+    complement). Because the key depends only on ``(seed, step, index)``, mask ``i`` is the
+    same whatever the number of masks requested.
+    """
+    z = _splitmix64(seed & _U64)
+    z = _splitmix64(z ^ (step & _U64))
+    return _splitmix64(z ^ (index & _U64))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a result computed from ``x`` should have (NCHW or NHWC)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------
+
+
+def _block_add(mask: list, grid: int, max_cells: int, min_patches: int, rng: random.Random) -> int:
+    """BEiT ``_mask``: try (up to 10 times) to add one rectangle of new ones to ``mask``.
+
+    Each attempt draws ``area ~ U(min_patches, max_cells)`` (Python ``random.uniform``,
+    i.e. ``a + (b-a)*u``, which also works when ``a > b``), ``aspect = exp(U(log 0.3,
+    log(1/0.3)))``, ``h = round(sqrt(area*aspect))``, ``w = round(sqrt(area/aspect))``;
+    it requires ``h < grid`` and ``w < grid`` (strict), draws ``top ~ randint(0, grid-h)``,
+    ``left ~ randint(0, grid-w)`` (inclusive) and accepts the rectangle if the number of
+    cells it would newly set, ``new``, satisfies ``0 < new <= max_cells``. Returns the
+    number of cells added (0 if all attempts failed). Mutates ``mask`` (list of lists).
+    """
+    log_lo, log_hi = math.log(_BLOCK_MIN_ASPECT), math.log(1.0 / _BLOCK_MIN_ASPECT)
+    delta = 0
+    for _ in range(_BLOCK_ATTEMPTS):
+        area = rng.uniform(min_patches, max_cells)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        h = int(round(math.sqrt(area * aspect)))
+        w = int(round(math.sqrt(area / aspect)))
+        if h < grid and w < grid:
+            top = rng.randint(0, grid - h)
+            left = rng.randint(0, grid - w)
+            already = sum(mask[r][c] for r in range(top, top + h) for c in range(left, left + w))
+            new = h * w - already
+            if 0 < new <= max_cells:
+                for r in range(top, top + h):
+                    for c in range(left, left + w):
+                        mask[r][c] = 1
+                delta = new
+        if delta > 0:
+            break
+    return delta
+
+
+def _block_mask(grid: int, ratio: float, rng: random.Random) -> torch.Tensor:
+    """One BEiT block mask (SPEC §1) with ``num = clamp(int(ratio*g^2), 1, g^2-1)`` ones.
+
+    ``while count < num: delta = add_block(num - count); if delta == 0: break; count += delta``.
+    The count never overshoots ``num``; it may undershoot when no block fits any more.
+
+    Choices made here (SPEC leaves small grids open):
+
+    * ``min_patches = min(4, num, (g-1)**2)``. BEiT uses 4, but every block must satisfy
+      ``h < g`` and ``w < g``, so the largest placeable block has ``(g-1)^2`` cells; at
+      ``g = 2`` that is a single cell and no block of area >= 4 could ever be placed.
+      Clamping to ``num`` keeps the first draw's range ``U(min_patches, num)`` non-degenerate
+      for tiny targets. For ``g >= 3`` and ``num >= 4`` this is exactly BEiT's 4.
+    * If the finished mask is all-0 (every attempt of the first block failed) or all-1, it
+      is discarded and redrawn from the **same** stream (the stream just continues), so
+      the result stays a deterministic function of the stream's seed.
+    """
+    cells = grid * grid
+    num = min(max(int(ratio * cells), 1), cells - 1)
+    min_patches = min(_BLOCK_MIN_PATCHES, num, (grid - 1) ** 2)
+    while True:
+        mask = [[0] * grid for _ in range(grid)]
+        count = 0
+        while count < num:
+            delta = _block_add(mask, grid, num - count, min_patches, rng)
+            if delta == 0:
+                break
+            count += delta
+        if 0 < count < cells:
+            return torch.tensor(mask, dtype=torch.bool)
+
+
+def _discrete_mask(grid: int, ratio: float, rng: random.Random) -> torch.Tensor:
+    """One i.i.d. mask: cell ``(r, c)`` is 1 iff ``rng.random() < ratio`` (row-major draws).
+
+    Redrawn (same stream, continuing) while all-0 or all-1. Note: the public MixMask code
+    draws ``P(1) = 1 - ratio``; mixfast uses ``P(1) = ratio`` so that ``ratio`` is always
+    the expected fraction kept from the original image. Both agree at the default 0.5.
+    """
+    cells = grid * grid
+    while True:
+        flat = [rng.random() < ratio for _ in range(cells)]
+        ones = sum(flat)
+        if 0 < ones < cells:
+            return torch.tensor(flat, dtype=torch.bool).view(grid, grid)
+
+
+def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: int, step: int) -> torch.Tensor:
+    """Draw ``n`` MixMask grid masks, a deterministic pure function of its arguments.
+
+    Returns a CPU ``torch.bool`` tensor ``[n, grid, grid]``; 1 = cell kept from the original
+    image ``x_i``, 0 = cell taken from the filler.
+
+    Randomness: mask ``i`` comes from its own ``random.Random`` stream (Mersenne Twister)
+    seeded with :func:`mask_seed` ``(seed, step, i)``; mask ``i`` therefore does not depend
+    on ``n``, and the global RNGs (Python, NumPy, torch) are never touched.
+
+    ``kind="block"``: the BEiT block-masking generator (see :func:`_block_mask`),
+    ``int(ratio*grid^2)`` ones (clamped to ``[1, grid^2-1]``), never more, occasionally fewer.
+    ``kind="discrete"``: each cell 1 independently with probability ``ratio``.
+    No mask is ever all-0 or all-1 (such draws are redrawn from the same stream).
+
+    Raises ``ValueError`` unless ``n >= 1``, ``2 <= grid <= 64``, ``0 < ratio < 1`` and
+    ``kind in {"block", "discrete"}``; ``TypeError`` if ``seed``/``step`` are not ints.
+    """
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"make_masks: n must be an int >= 1, got n={n!r}")
+    if not _is_int(grid) or not (_MIN_GRID <= grid <= _MAX_GRID):
+        raise ValueError(f"make_masks: grid must be an int in [{_MIN_GRID}, {_MAX_GRID}], got grid={grid!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (0.0 < float(ratio) < 1.0):
+        raise ValueError(f"make_masks: ratio must be a number with 0 < ratio < 1, got ratio={ratio!r}")
+    if kind not in _MASK_KINDS:
+        raise ValueError(f"make_masks: kind must be one of {_MASK_KINDS}, got kind={kind!r}")
+    if not _is_int(seed):
+        raise TypeError(f"make_masks: seed must be an int, got seed={seed!r}")
+    if not _is_int(step):
+        raise TypeError(f"make_masks: step must be an int, got step={step!r}")
+    ratio = float(ratio)
+    draw = _block_mask if kind == "block" else _discrete_mask
+    masks = [draw(grid, ratio, random.Random(mask_seed(seed, step, i))) for i in range(n)]
+    return torch.stack(masks, 0)
+
+
+def _nearest_indices(in_size: int, out_size: int, device) -> torch.Tensor:
+    """Source index of every output position, exactly as ``F.interpolate(mode="nearest")``.
+
+    ``src(y) = min(floor(float32(y) * float32(in/out)), in - 1)`` with the product in
+    float32, which is what PyTorch's CPU and CUDA kernels compute. Note this is *not*
+    always the exact rational ``floor(y*in/out)``: when ``y*in/out`` is an integer and
+    ``float32(in/out)`` rounds down, PyTorch's index is one smaller (e.g. in=2, out=82).
+    We follow PyTorch so that any backend can be checked against ``F.interpolate``.
+    """
+    if out_size == in_size:
+        return torch.arange(out_size, device=device)
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    pos = torch.arange(out_size, dtype=torch.float32) * scale
+    return torch.clamp(torch.floor(pos).long(), max=in_size - 1).to(device)
+
+
+def upsample_masks(masks: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Nearest-neighbour upsampling of grid masks ``[n, g, g]`` (bool) to ``[n, H, W]`` (bool).
+
+    ``out[k, y, x] = masks[k, iy(y), ix(x)]`` with ``iy``/``ix`` the nearest-neighbour source
+    indices of ``F.interpolate(mode="nearest")`` (``~ floor(y*g/H)``, see
+    :func:`_nearest_indices`). ``H`` and ``W`` need not be multiples of ``g``. The result is
+    on ``masks``' device.
+    """
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or masks.dim() != 3:
+        raise ValueError(
+            "upsample_masks: masks must be a bool tensor [n, g, g], got "
+            + (f"{masks.dtype} of shape {tuple(masks.shape)}" if isinstance(masks, torch.Tensor) else repr(type(masks)))
+        )
+    if not _is_int(H) or not _is_int(W) or H < 1 or W < 1:
+        raise ValueError(f"upsample_masks: H and W must be ints >= 1, got H={H!r}, W={W!r}")
+    gh, gw = masks.shape[1], masks.shape[2]
+    iy = _nearest_indices(gh, H, masks.device)
+    ix = _nearest_indices(gw, W, masks.device)
+    return masks[:, iy][:, :, ix]
+
+
+# ---------------------------------------------------------------------------------------
+# MixMask mixing
+# ---------------------------------------------------------------------------------------
+
+
+def _check_image_batch(fn: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{fn}: x must be a tensor, got {type(x)!r}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{fn}: x must be floating point, got dtype {x.dtype}")
+
+
+def mix(
+    x: torch.Tensor,
+    masks: torch.Tensor,
+    perm: Optional[torch.Tensor],
+    want_switch: bool = False,
+    *,
+    filler: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """MixMask mixing (SPEC §1): returns ``(mixed, switch or None, lam)``.
+
+    With ``m`` the mask upsampled to ``H x W`` (:func:`upsample_masks`), broadcast over
+    channels (and over the batch when ``masks`` is ``[1, g, g]``; per sample when it is
+    ``[B, g, g]``), and ``f_i = x[perm[i]]`` (or ``filler[i]`` when ``filler`` is given)::
+
+        mixed_i  = m_i * x_i + (1 - m_i) * f_i
+        switch_i = m_i * f_i + (1 - m_i) * x_i        (only if want_switch)
+        lam_i    = popcount(m_i) / (H * W)            (float32, exact fraction of ones)
+
+    Both images are computed by *selection* (``torch.where``), so every output pixel is
+    bit-identical to a pixel of ``x`` / ``f``. Outputs keep ``x``'s dtype and memory format
+    (NCHW or channels_last); ``lam`` is float32 on ``x``'s device with shape ``[1]`` or ``[B]``.
+
+    Pairing identities (per-batch mask, ``perm = pi``): on the region ``m = 1``,
+    ``switch_i = x_pi(i) = mixed_pi(i)``; on ``m = 0``, ``switch_i = x_i = mixed_pi^-1(i)``.
+    Hence ``switch = where(m, mixed[pi], mixed[argsort(pi)])`` and, for an involution such as
+    ``flip``, ``switch = mixed[pi]`` exactly (no second forward pass needed).
+
+    ``filler`` (same shape, dtype and device as ``x``) replaces ``x[perm]`` -- used for the
+    zero / noise erase baselines, which have no switch term: ``want_switch=True`` together
+    with ``filler`` raises. ``perm`` may then be ``None`` (it is ignored if given).
+
+    Validation (``ValueError``): ``x`` 4-D floating; ``masks`` bool 3-D with first dim 1 or
+    B; ``perm`` a 1-D int64 permutation of ``range(B)`` on ``x``'s device. ``masks`` may
+    live on the CPU; they are moved to ``x``'s device.
+    """
+    _check_image_batch("mix", x)
+    B, C, H, W = x.shape
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+        raise ValueError(
+            "mix: masks must be a torch.bool tensor, got "
+            + (str(masks.dtype) if isinstance(masks, torch.Tensor) else repr(type(masks)))
+        )
+    if masks.dim() != 3 or masks.shape[0] not in (1, B):
+        raise ValueError(f"mix: masks must have shape [1, g, g] or [B={B}, g, g], got {tuple(masks.shape)}")
+    if filler is not None:
+        if want_switch:
+            raise ValueError("mix: want_switch=True is not allowed with a filler (erase baselines have no switch)")
+        if not isinstance(filler, torch.Tensor) or filler.shape != x.shape or filler.dtype != x.dtype:
+            raise ValueError(
+                f"mix: filler must be a tensor shaped like x {tuple(x.shape)} with dtype {x.dtype}, got "
+                + (f"{tuple(filler.shape)} {filler.dtype}" if isinstance(filler, torch.Tensor) else repr(type(filler)))
+            )
+        if filler.device != x.device:
+            raise ValueError(f"mix: filler must be on x's device {x.device}, got {filler.device}")
+    if perm is None:
+        if filler is None:
+            raise ValueError("mix: perm is required unless a filler is given")
+    else:
+        if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1 or perm.numel() != B:
+            raise ValueError(
+                f"mix: perm must be a 1-D int64 tensor of length B={B}, got "
+                + (f"{perm.dtype} of shape {tuple(perm.shape)}" if isinstance(perm, torch.Tensor) else repr(type(perm)))
+            )
+        if perm.device != x.device:
+            raise ValueError(f"mix: perm must be on x's device {x.device}, got {perm.device}")
+        if not torch.equal(torch.sort(perm).values, torch.arange(B, device=perm.device)):
+            raise ValueError(f"mix: perm must be a permutation of range({B}), got {perm.tolist()}")
+
+    fmt = _memory_format(x)
+    f = filler if filler is not None else x[perm]
+    m = upsample_masks(masks.to(x.device), H, W)[:, None]  # [1 or B, 1, H, W] bool
+
+    mixed = torch.where(m, x, f).contiguous(memory_format=fmt)
+    switch = torch.where(m, f, x).contiguous(memory_format=fmt) if want_switch else None
+    count = m.sum(dim=(1, 2, 3))  # int64 popcount per mask
+    lam = (count.to(torch.float64) / float(H * W)).to(torch.float32)
+    return mixed, switch, lam
+
+
+# ---------------------------------------------------------------------------------------
+# Un-Mix
+# ---------------------------------------------------------------------------------------
+
+
+def rand_bbox(H: int, W: int, lam: float, generator: Optional[torch.Generator] = None) -> Tuple[int, int, int, int]:
+    """CutMix box (SPEC §2, Un-Mix / CutMix reference code). Returns ``(y1, y2, x1, x2)``.
+
+    ``cut = sqrt(1 - lam)``, ``cw = int(W*cut)``, ``ch = int(H*cut)``; centre
+    ``cx ~ randint(0, W-1)`` then ``cy ~ randint(0, H-1)`` (uniform, ``torch.randint`` with
+    ``generator``; drawn in that order); ``x1 = clip(cx - cw//2, 0, W)``,
+    ``x2 = clip(cx + cw//2, 0, W)``, ``y1 = clip(cy - ch//2, 0, H)``,
+    ``y2 = clip(cy + ch//2, 0, H)``. The box covers rows ``y1:y2`` and columns ``x1:x2``
+    (half-open), so it may be empty and is smaller than ``ch x cw`` near the borders.
+    """
+    if not _is_int(H) or not _is_int(W) or H < 1 or W < 1:
+        raise ValueError(f"rand_bbox: H and W must be ints >= 1, got H={H!r}, W={W!r}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
+        raise ValueError(f"rand_bbox: lam must be a number in [0, 1], got lam={lam!r}")
+    cut = math.sqrt(1.0 - float(lam))
+    cw = int(W * cut)
+    ch = int(H * cut)
+    cx = int(torch.randint(0, W, (1,), generator=generator).item())
+    cy = int(torch.randint(0, H, (1,), generator=generator).item())
+    x1 = min(max(cx - cw // 2, 0), W)
+    x2 = min(max(cx + cw // 2, 0), W)
+    y1 = min(max(cy - ch // 2, 0), H)
+    y2 = min(max(cy + ch // 2, 0), H)
+    return y1, y2, x1, x2
+
+
+def unmix(
+    x: torch.Tensor,
+    lam: float,
+    use_mixup: bool,
+    box: Optional[Tuple[int, int, int, int]] = None,
+) -> Tuple[torch.Tensor, float]:
+    """Un-Mix image mixture with the flip partner (SPEC §2). Returns ``(x_um, lam_effective)``.
+
+    Partner: ``flip(x)_i = x_{B-1-i}`` (for odd B the middle image pairs with itself).
+
+    * Mixup (``use_mixup=True``): ``x_um = lam * x + (1 - lam) * flip(x)``, evaluated in
+      float32 (float64 for float64 input) and rounded once to ``x``'s dtype;
+      ``lam_effective = lam``.
+    * CutMix: ``box = (y1, y2, x1, x2)`` as given, else drawn by :func:`rand_bbox` with the
+      default torch generator; ``x_um = x`` except ``x_um[:, :, y1:y2, x1:x2] =
+      flip(x)[:, :, y1:y2, x1:x2]``; ``lam_effective = 1 - (y2-y1)(x2-x1)/(H*W)``.
+
+    ``x_um`` keeps ``x``'s dtype and memory format. ``lam_effective`` is a Python float.
+    """
+    _check_image_batch("unmix", x)
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
+        raise ValueError(f"unmix: lam must be a number in [0, 1], got lam={lam!r}")
+    lam = float(lam)
+    B, C, H, W = x.shape
+    fmt = _memory_format(x)
+    partner = x.flip(0)
+    if use_mixup:
+        if box is not None:
+            raise ValueError("unmix: box is only meaningful for CutMix (use_mixup=False)")
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = lam * x.to(acc) + (1.0 - lam) * partner.to(acc)
+        return out.to(x.dtype).contiguous(memory_format=fmt), lam
+    if box is None:
+        box = rand_bbox(H, W, lam)
+    if not isinstance(box, (tuple, list)) or len(box) != 4 or not all(_is_int(v) for v in box):
+        raise ValueError(f"unmix: box must be a tuple of 4 ints (y1, y2, x1, x2), got {box!r}")
+    y1, y2, x1, x2 = box
+    if not (0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W):
+        raise ValueError(f"unmix: box must satisfy 0<=y1<=y2<=H={H} and 0<=x1<=x2<=W={W}, got {box!r}")
+    out = x.clone().contiguous(memory_format=fmt)
+    out[:, :, y1:y2, x1:x2] = partner[:, :, y1:y2, x1:x2]
+    lam_eff = 1.0 - ((y2 - y1) * (x2 - x1)) / float(H * W)
+    return out, lam_eff
+
+
+# ---------------------------------------------------------------------------------------
+# loss
+# ---------------------------------------------------------------------------------------
+
+
+def soft_infonce(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    queue: Optional[torch.Tensor],
+    pos: torch.Tensor,
+    tau: float,
+    exclude: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-term InfoNCE cross-entropies with one or several positives per query row.
+
+    Shapes: ``q [M, D]``, ``keys [N, D]``, ``queue [K, D]`` or ``None``, ``pos [M, P]``
+    (int64 indices into ``keys``), ``exclude [M]`` (int64, only without a queue). Vectors
+    are used as given (the caller L2-normalizes). Returns ``out [M, P]``.
+
+    MoCo mode (``queue`` given) -- each term has its own positive in the denominator and
+    the other keys are *not* negatives::
+
+        s_rp      = q_r . keys[pos[r, p]] / tau
+        out[r, p] = logsumexp(s_rp, q_r . queue_1 / tau, ..., q_r . queue_K / tau) - s_rp
+                  = CE([s_rp, q_r queue^T / tau], label 0)
+
+    In-batch mode (``queue is None``; SimCLR-style, the positive is among the keys)::
+
+        out[r, p] = logsumexp_{j != exclude[r]} (q_r . keys_j / tau) - q_r . keys[pos[r, p]] / tau
+
+    where ``exclude[r] = -1`` excludes nothing for that row; ``pos[r, p] == exclude[r]`` is
+    rejected (the positive would be missing from its own denominator).
+
+    Precision: computed in float32 (bf16 / fp16 inputs are upcast; the result is float32),
+    or in float64 if any of ``q``, ``keys``, ``queue`` is float64. Differentiable in ``q``
+    and ``keys``; the queue is detached (never receives a gradient).
+
+    Raises ``ValueError`` on bad shapes, dtypes, devices, index ranges or ``tau <= 0``.
+    """
+    def _desc(t):
+        return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(type(t))
+
+    for name, t in (("q", q), ("keys", keys)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"soft_infonce: {name} must be a 2-D floating tensor, got {_desc(t)}")
+    M, D = q.shape
+    N = keys.shape[0]
+    if keys.shape[1] != D:
+        raise ValueError(f"soft_infonce: keys must be [N, D={D}], got {tuple(keys.shape)}")
+    if keys.device != q.device:
+        raise ValueError(f"soft_infonce: keys must be on q's device {q.device}, got {keys.device}")
+    if queue is not None:
+        if not isinstance(queue, torch.Tensor) or queue.dim() != 2 or not queue.is_floating_point():
+            raise ValueError(f"soft_infonce: queue must be a 2-D floating tensor or None, got {_desc(queue)}")
+        if queue.shape[1] != D:
+            raise ValueError(f"soft_infonce: queue must be [K, D={D}], got {tuple(queue.shape)}")
+        if queue.device != q.device:
+            raise ValueError(f"soft_infonce: queue must be on q's device {q.device}, got {queue.device}")
+        if exclude is not None:
+            raise ValueError("soft_infonce: exclude is only supported in in-batch mode (queue=None)")
+    if not isinstance(pos, torch.Tensor) or pos.dtype != torch.long or pos.dim() != 2 or pos.shape[0] != M:
+        raise ValueError(f"soft_infonce: pos must be an int64 tensor [M={M}, P], got {_desc(pos)}")
+    if pos.device != q.device:
+        raise ValueError(f"soft_infonce: pos must be on q's device {q.device}, got {pos.device}")
+    if pos.numel() > 0 and (int(pos.min()) < 0 or int(pos.max()) >= N):
+        raise ValueError(f"soft_infonce: pos entries must lie in [0, N={N}), got range [{int(pos.min())}, {int(pos.max())}]")
+    if exclude is not None:
+        if not isinstance(exclude, torch.Tensor) or exclude.dtype != torch.long or exclude.shape != (M,):
+            raise ValueError(f"soft_infonce: exclude must be an int64 tensor [M={M}], got {_desc(exclude)}")
+        if exclude.device != q.device:
+            raise ValueError(f"soft_infonce: exclude must be on q's device {q.device}, got {exclude.device}")
+        if M > 0 and (int(exclude.min()) < -1 or int(exclude.max()) >= N):
+            raise ValueError(
+                f"soft_infonce: exclude entries must lie in [-1, N={N}), got range [{int(exclude.min())}, {int(exclude.max())}]"
+            )
+        if bool((pos == exclude[:, None]).any()):
+            raise ValueError("soft_infonce: a positive index equals the excluded index of its row")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (float(tau) > 0.0) or not math.isfinite(tau):
+        raise ValueError(f"soft_infonce: tau must be a finite number > 0, got tau={tau!r}")
+    tau = float(tau)
+
+    tensors = (q, keys) if queue is None else (q, keys, queue)
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    qf = q.to(acc)
+    kf = keys.to(acc)
+
+    if queue is not None:
+        # s[r, p] = q_r . keys[pos[r, p]] / tau
+        s = torch.einsum("md,mpd->mp", qf, kf[pos]) / tau
+        neg = qf @ queue.detach().to(acc).t() / tau  # [M, K]
+        lse_neg = torch.logsumexp(neg, dim=1, keepdim=True)  # [M, 1]; -inf when K == 0
+        return torch.logaddexp(s, lse_neg) - s
+
+    logits = qf @ kf.t() / tau  # [M, N]
+    s = torch.gather(logits, 1, pos)  # [M, P]
+    if exclude is not None:
+        rows = torch.nonzero(exclude >= 0).squeeze(1)
+        drop = torch.zeros_like(logits, dtype=torch.bool)
+        drop[rows, exclude[rows]] = True
+        logits = logits.masked_fill(drop, float("-inf"))
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)  # [M, 1]
+    return lse - s

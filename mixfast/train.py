@@ -1,0 +1,213 @@
+"""Pre-training entry point.
+
+    deepspeed mixfast/train.py --config configs/in1k_mixmask.json [--set key.path=value ...]
+    python -m mixfast.train --config configs/demo.json          # one process, no launcher
+
+Restarting the same command resumes from the newest checkpoint in `train.output_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script (`deepspeed mixfast/train.py`): Python put mixfast/ itself on sys.path,
+    # where its sub-packages (data, eval, ...) would shadow top-level names. Use the package.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import math
+import time
+
+import mixfast  # noqa: F401  (torchvision compatibility shim first)
+import torch
+
+from mixfast.config import ConfigError, RunConfig, dump_config, load_config, to_deepspeed_config
+from mixfast.data import build_datasets, build_eval_loader, build_train_loader
+from mixfast.engine import checkpoint
+from mixfast.engine import distributed as dist_utils
+from mixfast.engine.checkpoint import TrainState
+from mixfast.engine.images import save_mix_grid
+from mixfast.engine.logging import MetricsLogger, info
+from mixfast.engine.progress import Progress
+from mixfast.engine.schedule import lr_multiplier
+from mixfast.eval.knn import knn_accuracy
+from mixfast.methods import build_moco
+from mixfast.models import export_torchvision_state_dict
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run configuration (JSON)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.max_steps=3 (repeatable)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+class Trainer:
+    """Owns the run: data, model + DeepSpeed engine, MoCo state, logs, checkpoints."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        import deepspeed
+
+        self.cfg, self.device = cfg, device
+        self.rank, self.world = dist_utils.rank(), dist_utils.world_size()
+        self.per_rank_batch = cfg.train.batch_size // self.world
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+        self.data = build_datasets(cfg.data)
+        self.train_loader = build_train_loader(self.data.train, self.per_rank_batch, self.rank, self.world,
+                                               cfg.train.seed, cfg.data.num_workers)
+        self.steps_per_epoch = len(self.train_loader.sampler) // self.per_rank_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the data set "
+                              f"({len(self.data.train)} images over {self.world} ranks)")
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+
+        query, self.moco = build_moco(cfg, self.rank, self.world)
+        query.to(device)
+        self.moco.to(device)
+        optimizer = torch.optim.SGD(query.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                    weight_decay=cfg.optim.weight_decay)
+        warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(self.total_steps, warmup, cfg.optim))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=query, optimizer=optimizer, lr_scheduler=scheduler, config=to_deepspeed_config(cfg, self.world))
+
+        self.logger = MetricsLogger(cfg.train.output_dir, cfg.log.tensorboard)
+        self.state = checkpoint.resume(self.engine, self.moco, cfg.train.output_dir, cfg.train.resume) or TrainState()
+
+    # --- evaluation -------------------------------------------------------------------
+    def knn(self) -> float:
+        bs = max(self.per_rank_batch, 64)
+        shard = lambda ds: torch.utils.data.Subset(ds, range(self.rank, len(ds), self.world))  # noqa: E731
+        bank = build_eval_loader(shard(self.data.knn_train), bs, self.cfg.data.num_workers)
+        test = build_eval_loader(shard(self.data.knn_test), bs, self.cfg.data.num_workers)
+        module = self.engine.module
+        encoder = module.backbone if self.cfg.eval.knn_features == "backbone" else torch.nn.Sequential(
+            module.backbone, module.head)
+        return knn_accuracy(encoder, bank, test, self.data.num_classes, self.cfg.eval.knn_k, self.cfg.eval.knn_t,
+                            self.device, self.cfg.model.channels_last)
+
+    def _run_knn(self, epoch: int) -> float:
+        top1 = self.knn()
+        self.state.knn_history.append((epoch, top1))
+        self.logger.log(self.state.step, {"knn_top1": top1, "epoch": epoch}, prefix="eval")
+        info(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
+        return top1
+
+    # --- training -----------------------------------------------------------------------
+    def save(self, tag: str | None = None, save_latest: bool = True) -> str:
+        return checkpoint.save(self.engine, self.moco, self.state, self.cfg.train.output_dir,
+                               self.cfg.train.keep_checkpoints, tag, save_latest)
+
+    def _budget(self) -> int:
+        return min(self.total_steps, self.cfg.train.max_steps or self.total_steps)
+
+    def train_step(self, batch: dict) -> dict:
+        x1 = batch["x1"].to(self.device, non_blocking=True)
+        x2 = batch["x2"].to(self.device, non_blocking=True)
+        result = self.moco.training_step(self.engine, x1, x2, self.state.step)
+        if self.state.step == 0 and self.cfg.log.image_grid and dist_utils.is_main():
+            path = save_mix_grid(result.images, os.path.join(self.cfg.train.output_dir, "mix_grid.png"),
+                                 self.cfg.data.augmentation)
+            info(f"wrote {path}")
+        if not torch.isfinite(result.loss):
+            # Checkpoint the state that produced it (not marked `latest`, so an automatic
+            # restart resumes from the last good checkpoint), then stop.
+            tag = self.save(tag=f"nonfinite_step{self.state.step:09d}", save_latest=False)
+            raise NonFiniteLoss(
+                f"loss is {result.loss.item()} at step {self.state.step} (epoch {self.state.epoch}); "
+                f"state saved as checkpoint {tag!r} in {checkpoint.checkpoint_dir(self.cfg.train.output_dir)}. "
+                "Lower optim.lr or check the data.")
+        self.engine.backward(result.loss)
+        self.engine.step()
+        self.moco.enqueue(result.keys_to_enqueue)
+        self.state.step += 1
+        self.state.batch_in_epoch += 1
+        self.state.skipped_images += int(batch["skipped"])
+        return {"loss": result.loss.item(), "lr": self.engine.get_lr()[0], **result.stats}
+
+    def fit(self) -> None:
+        cfg, state = self.cfg, self.state
+        budget = self._budget()
+        info(f"{self.world} rank(s) on {self.device}; {len(self.data.train)} training images, "
+             f"{self.steps_per_epoch} steps/epoch, {budget} steps to run"
+             + (f", resuming at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})" if state.step else ""))
+        if cfg.eval.knn_at_start and state.knn_random_init is None:
+            state.knn_random_init = self.knn()
+            info(f"kNN top-1 of the randomly initialised encoder: {state.knn_random_init:.2f}%")
+        progress = Progress(budget, state.step, enabled=cfg.log.progress and dist_utils.is_main())
+        self.engine.train()
+        self.moco.train()
+        while state.step < budget and state.epoch < cfg.train.epochs:
+            self.train_loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * self.per_rank_batch)
+            for batch in self.train_loader:
+                t0 = time.perf_counter()
+                metrics = self.train_step(batch)
+                progress.update(metrics, images=cfg.train.batch_size, seconds=time.perf_counter() - t0,
+                                epoch=state.epoch)
+                if state.step % cfg.log.every_steps == 0:
+                    self.logger.log(state.step, {**metrics, "epoch": state.epoch,
+                                                 "skipped_images": state.skipped_images})
+                if state.step % cfg.train.checkpoint_every_steps == 0:
+                    self.save()
+                if state.step >= budget:
+                    break
+            if state.batch_in_epoch >= self.steps_per_epoch:  # epoch completed
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                if cfg.eval.knn_every and state.epoch % cfg.eval.knn_every == 0 and state.epoch < cfg.train.epochs:
+                    self._run_knn(state.epoch)
+                self.save()
+        progress.close()
+
+    def finish(self) -> dict:
+        """Final kNN, last checkpoint, backbone export; returns the summary."""
+        final = self._run_knn(self.state.epoch)
+        self.save()
+        summary = {"step": self.state.step, "epoch": self.state.epoch, "knn_top1": final,
+                   "knn_random_init": self.state.knn_random_init, "skipped_images": self.state.skipped_images}
+        if dist_utils.is_main():
+            path = os.path.join(self.cfg.train.output_dir, "backbone_torchvision.pth")
+            torch.save(export_torchvision_state_dict(self.engine.module.backbone), path)
+            info(f"exported backbone (torchvision state_dict) to {path}")
+            if self.state.skipped_images:
+                info(f"skipped {self.state.skipped_images} unreadable images")
+            if self.state.knn_random_init is not None:
+                print(f"kNN top-1: random-init {self.state.knn_random_init:.2f}% -> trained {final:.2f}%", flush=True)
+            else:
+                print(f"kNN top-1: trained {final:.2f}%", flush=True)
+        self.logger.close()
+        return summary
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise SystemExit(f"mixfast: config error in {args.config}:\n{err}") from None
+    device = dist_utils.init_distributed()
+    if dist_utils.is_main():
+        os.makedirs(cfg.train.output_dir, exist_ok=True)
+        import json
+
+        with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as f:
+            json.dump(dump_config(cfg), f, indent=2)
+    trainer = Trainer(cfg, device)
+    try:
+        trainer.fit()
+    except NonFiniteLoss as err:
+        raise SystemExit(f"mixfast: {err}") from None
+    return trainer.finish()
+
+
+if __name__ == "__main__":
+    main()
