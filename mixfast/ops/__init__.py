@@ -1,18 +1,12 @@
 """mixfast ops: mask generation, image mixing and the soft InfoNCE loss.
 
-The names below are the public API. Today they are the pure-PyTorch reference
-implementations (:mod:`mixfast.ops.reference`), which are also the specification that
-faster backends are tested against; backend dispatch will be added behind these same
-names and signatures.
+The names below are the public API. Each lives in its own module (`mix.py`, `infonce.py`)
+that dispatches to a backend (`_backend.py`: MIXFAST_BACKEND=auto|cuda|triton|cpu|torch);
+`reference.py` holds the pure-PyTorch implementations that are the specification every
+backend is tested against.
 """
 
-from mixfast.ops.reference import (
-    make_masks,
-    mix,
-    rand_bbox,
-    soft_infonce,
-    unmix,
-    upsample_masks,
-)
+from mixfast.ops.infonce import soft_infonce
+from mixfast.ops.mix import make_masks, mix, rand_bbox, unmix, upsample_masks
 
 __all__ = ["make_masks", "mix", "unmix", "rand_bbox", "soft_infonce", "upsample_masks"]
