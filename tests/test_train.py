@@ -1,0 +1,170 @@
+"""End-to-end trainer runs, as users run them: `python -m mixfast.train` and the DeepSpeed
+launcher, in subprocesses on CPU with small synthetic or generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+# A tiny MoCo v2 + MixMask + Un-Mix run on the demo config's recipe.
+TINY = [
+    "data.name=synthetic", "data.synthetic_size=256", "data.image_size=32", "data.num_workers=0",
+    "model.width=8", "train.batch_size=16", "method.queue_size=64", "log.every_steps=1",
+    "log.tensorboard=false", "log.progress=false", "eval.knn_at_start=false", "eval.knn_every=0",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores: no oversubscription
+    return env
+
+
+def _args(config: str, out: Path, overrides: list[str]) -> list[str]:
+    args = ["--config", str(REPO / "configs" / config)]
+    for item in [*overrides, f"train.output_dir={out}"]:
+        args += ["--set", item]
+    return args
+
+
+def run_module(config: str, out: Path, overrides: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mixfast.train", *_args(config, out, overrides)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def run_launcher(config: str, out: Path, overrides: list[str], ranks: int) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
+           str(REPO / "mixfast" / "train.py"), *_args(config, out, overrides)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    """Last logged loss of every step (a resumed run appends to the same file)."""
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" in record:
+            losses[record["step"]] = record["train/loss"]
+    return losses
+
+
+def test_kill_then_restart_resumes_with_the_uninterrupted_losses(tmp_path):
+    overrides = [*TINY, "train.epochs=3", "train.checkpoint_every_steps=5"]  # 16 steps/epoch, 48 in all
+    run_module("demo.json", tmp_path / "a", overrides)
+    reference = losses_by_step(tmp_path / "a")
+    assert sorted(reference) == list(range(1, 49))
+
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "mixfast.train", *_args("demo.json", out, overrides)]
+    victim = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)  # no clean-up, no final checkpoint
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+    before = losses_by_step(out)
+    assert max(before) < 48
+
+    resumed = run_module("demo.json", out, overrides)  # the same command again
+    assert "resuming at step" in resumed.stdout
+    after = losses_by_step(out)
+    assert sorted(after) == list(range(1, 49))
+    for step in range(1, 49):
+        assert after[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_deepspeed_launcher_two_ranks_mixmask_unmix(tmp_path):
+    out = tmp_path / "ds"
+    proc = run_launcher("demo.json", out, [*TINY, "train.max_steps=3", "model.shuffle_bn=true"], ranks=2)
+    assert "2 rank(s)" in proc.stdout
+    assert "kNN top-1: trained" in proc.stdout
+    losses = losses_by_step(out)
+    assert sorted(losses) == [1, 2, 3] and all(v == v and v > 0 for v in losses.values())
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < record["train/lam_mixmask"] < 1 and 0 <= record["train/lam_unmix"] <= 1
+    assert (out / "checkpoints" / "latest").exists()
+    assert (out / "mix_grid.png").exists()
+
+
+def test_imagenet_config_path_under_launcher(tmp_path):
+    """configs/in1k_mixmask.json as shipped (ResNet-50, MLP head, bf16 autocast, block grid 8),
+    data swapped for synthetic and sizes shrunk so it runs in seconds on CPU."""
+    import mixfast  # noqa: F401
+    import torchvision
+
+    out = tmp_path / "in1k"
+    small = ["data.name=synthetic", "data.synthetic_size=16", "data.image_size=64", "data.num_workers=0",
+             "train.batch_size=8", "method.queue_size=64", "train.max_steps=2", "log.progress=false"]
+    proc = run_launcher("in1k_mixmask.json", out, small, ranks=1)
+    assert "kNN top-1: trained" in proc.stdout
+    state = torch.load(out / "backbone_torchvision.pth")
+    missing, unexpected = torchvision.models.resnet50().load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def _write_imagefolder(root: Path, per_class: int = 12) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = (torch.rand(24, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.jpg")
+    good = (root / "train" / "a" / "0.jpg").read_bytes()
+    (root / "train" / "a" / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path):
+    root = tmp_path / "folder"
+    _write_imagefolder(root)
+    overrides = ["data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.num_workers=0",
+                 "model.width=8", "train.batch_size=5", "method.queue_size=20", "train.epochs=1",
+                 "log.tensorboard=false", "log.progress=false", "eval.knn_k=5"]
+    proc = run_module("demo.json", tmp_path / "out", overrides)
+    assert "skipped 1 unreadable images" in proc.stdout
+
+
+def test_nonfinite_loss_stops_with_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = run_module("demo.json", out, [*TINY, "optim.lr=1e30", "optim.warmup_epochs=0", "train.max_steps=10"],
+                      check=False)
+    assert proc.returncode != 0
+    assert "loss is" in proc.stderr and "Lower optim.lr" in proc.stderr
+    saved = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("nonfinite_step")]
+    assert len(saved) == 1
+
+
+def test_config_errors_name_the_key_and_the_path(tmp_path):
+    proc = run_module("demo.json", tmp_path / "x", ["mixing.mixmask.gird=4"], check=False)
+    assert proc.returncode != 0
+    assert "mixing.mixmask.gird" in proc.stderr and "grid" in proc.stderr
+    missing = tmp_path / "no-such-dir"
+    proc = run_module("demo.json", tmp_path / "y", ["data.name=imagefolder", f"data.root={missing}"], check=False)
+    assert proc.returncode != 0 and str(missing) in proc.stderr
