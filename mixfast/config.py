@@ -40,14 +40,17 @@ class ModelConfig(Section):
     bn_splits: int = Field(
         8, ge=1, description="SplitBatchNorm groups used on a single process to emulate shuffle-BN (SPEC §1); 1 = plain BN.")
     shuffle_bn: bool = Field(
-        True, description="Shuffle the key batch across ranks before the key encoder (MoCo shuffle-BN); needs world size > 1.")
+        True, description="Shuffle-BN: permute the key batch across ranks before the key encoder (world size > 1). "
+                          "On one process (or with this off) the key batch is permuted within the batch and BatchNorm is SplitBatchNorm(bn_splits).")
     sync_bn: bool = Field(False, description="Convert BatchNorm to SyncBatchNorm before deepspeed.initialize.")
     channels_last: bool = Field(False, description="Run the encoders in channels_last memory format.")
 
 
 class MethodConfig(Section):
     name: Literal["moco"] = Field("moco", description="Siamese framework.")
-    version: Literal[1, 2] = Field(2, description="MoCo version: 2 = MLP head + blur augmentations, 1 = linear head.")
+    version: Literal[1, 2] = Field(
+        2, description="MoCo version. 2: MLP head (model.head='mlp'), mocov2 augmentation. 1: linear head (checked), "
+                       "tau 0.07, mocov1 augmentation.")
     queue_size: int = Field(65536, ge=1, description="Number of negative keys K in the MoCo queue.")
     momentum: float = Field(0.999, ge=0.0, le=1.0, description="EMA momentum m of the key encoder.")
     temperature: float = Field(0.2, gt=0.0, description="Softmax temperature tau.")
@@ -175,6 +178,12 @@ class RunConfig(Section):
     deepspeed: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed to deepspeed.initialize after mixfast fills train_batch_size, micro batch and precision.")
+
+    @model_validator(mode="after")
+    def _check_moco_version(self):
+        if self.method.version == 1 and self.model.head != "linear":
+            raise ValueError("method.version=1 (MoCo v1) uses a linear projection head: set model.head='linear'")
+        return self
 
     @model_validator(mode="after")
     def _check_data_root(self):
@@ -500,6 +509,18 @@ def _bounds_label(field: FieldInfo) -> str:
 # --- command line ---------------------------------------------------------------------------------
 
 
+README_BEGIN, README_END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
+
+
+def replace_reference_block(text: str) -> str:
+    """`text` with the part between the README markers replaced by the current reference."""
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"markers {README_BEGIN} / {README_END} not found")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_BEGIN}\n{config_reference_markdown().strip()}\n{README_END}{tail}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mixfast.config",
@@ -507,6 +528,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--markdown", action="store_true", help="print the markdown reference of every key")
     action.add_argument("--config", help="JSON config to load, validate and print resolved")
+    action.add_argument("--readme", metavar="PATH",
+                        help="rewrite the reference between the config-reference markers of a markdown file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key, e.g. --set mixing.mixmask.grid=4 (repeatable)")
     args = parser.parse_args(argv)
@@ -514,6 +537,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.overrides:
             parser.error("--set applies to --config only")
         print(config_reference_markdown(), end="")
+        return 0
+    if args.readme:
+        with open(args.readme, encoding="utf-8") as f:
+            text = f.read()
+        with open(args.readme, "w", encoding="utf-8") as f:
+            f.write(replace_reference_block(text))
         return 0
     try:
         cfg = load_config(args.config, args.overrides)

@@ -98,14 +98,23 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Key features with shuffled BatchNorm groups.
+
+        Without a shuffle, query i and its key i share BatchNorm statistics (the same
+        GPU's batch, or the same SplitBatchNorm group), which lets the encoders lower the
+        loss through batch statistics instead of learning features, and kNN accuracy
+        then falls while the loss falls. So the key batch is permuted before the key
+        encoder and restored after: across ranks (shuffle-BN), or within the batch on one
+        process, where SplitBatchNorm groups are `index % bn_splits` (the official MoCo
+        CIFAR recipe). The permutation is a pure function of (seed, step), identical on
+        every rank, so nothing is broadcast.
+        """
+        gen = step_generator(self.cfg.train.seed, 0, STREAM_SHUFFLE_BN, step)
         if not self.shuffle_bn:
-            return self.key_encoder.encode(x)
-        # Shuffle-BN: the key batch is permuted across ranks so BN statistics of the key
-        # encoder come from other samples than the queries'. The permutation is a pure
-        # function of (seed, step), identical on every rank, so nothing is broadcast.
+            perm = torch.randperm(x.size(0), generator=gen).to(x.device)
+            return self.key_encoder.encode(x[perm])[torch.argsort(perm)]
         x_all = dist_utils.all_gather_cat(x)
-        perm = torch.randperm(x_all.size(0), generator=step_generator(self.cfg.train.seed, 0, STREAM_SHUFFLE_BN, step))
-        perm = perm.to(x.device)
+        perm = torch.randperm(x_all.size(0), generator=gen).to(x.device)
         b = x.size(0)
         mine = perm[self.rank * b:(self.rank + 1) * b]
         k_all = dist_utils.all_gather_cat(self.key_encoder.encode(x_all[mine]))
