@@ -135,6 +135,11 @@ class TrainConfig(Section):
     precision: Literal["bf16", "fp32"] = Field(
         "bf16", description="bf16 = autocast with fp32 master weights (DeepSpeed torch_autocast); fp32 = no autocast.")
     output_dir: str = Field("runs/default", description="Checkpoints, logs, TensorBoard events and the exported backbone.")
+    sequential_backward: Union[Literal["auto"], bool] = Field(
+        "auto", description="Backpropagate each query branch (original, Un-Mix, MixMask) right after its forward: "
+                            "peak activation memory of one branch instead of all, same gradients, one soft_infonce "
+                            "call per branch. 'auto' = on for CPU runs (host memory binds there), off on GPUs (one "
+                            "fused soft_infonce call for all rows).")
     checkpoint_every_steps: int = Field(1000, ge=1, description="Save a checkpoint every N steps (and always at epoch end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep on disk.")
     resume: str = Field("auto", description="'auto' = latest checkpoint in output_dir if any, 'none' = fresh start, or a checkpoint tag.")

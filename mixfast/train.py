@@ -17,7 +17,7 @@ if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
-import math
+import contextlib
 import time
 
 import mixfast  # noqa: F401  (torchvision compatibility shim first)
@@ -110,23 +110,38 @@ class Trainer:
     def _budget(self) -> int:
         return min(self.total_steps, self.cfg.train.max_steps or self.total_steps)
 
+    def _sequential_backward(self) -> bool:
+        choice = self.cfg.train.sequential_backward
+        return self.device.type == "cpu" if choice == "auto" else choice
+
+    def _backward(self, loss: torch.Tensor, is_last: bool) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()}")
+        if is_last or self.engine.zero_optimization_stage() > 0:
+            self.engine.backward(loss)  # ZeRO >= 1: reduction deferred by coalesce_grad_reduction
+        else:
+            with self.engine.no_sync():  # ZeRO 0: reduce once, in the last part's backward
+                self.engine.backward(loss)
+
     def train_step(self, batch: dict) -> dict:
         x1 = batch["x1"].to(self.device, non_blocking=True)
         x2 = batch["x2"].to(self.device, non_blocking=True)
-        result = self.moco.training_step(self.engine, x1, x2, self.state.step)
-        if self.state.step == 0 and self.cfg.log.image_grid and dist_utils.is_main():
-            path = save_mix_grid(result.images, os.path.join(self.cfg.train.output_dir, "mix_grid.png"),
-                                 self.cfg.data.augmentation)
-            info(f"wrote {path}")
-        if not torch.isfinite(result.loss):
+        sequential = self._sequential_backward()
+        coalesce = sequential and self.engine.zero_optimization_stage() > 0
+        try:
+            with self.engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
+                result = self.moco.training_step(self.engine, x1, x2, self.state.step, self._backward, sequential)
+        except NonFiniteLoss as err:
             # Checkpoint the state that produced it (not marked `latest`, so an automatic
             # restart resumes from the last good checkpoint), then stop.
             tag = self.save(tag=f"nonfinite_step{self.state.step:09d}", save_latest=False)
             raise NonFiniteLoss(
-                f"loss is {result.loss.item()} at step {self.state.step} (epoch {self.state.epoch}); "
-                f"state saved as checkpoint {tag!r} in {checkpoint.checkpoint_dir(self.cfg.train.output_dir)}. "
-                "Lower optim.lr or check the data.")
-        self.engine.backward(result.loss)
+                f"{err} at step {self.state.step} (epoch {self.state.epoch}); state saved as checkpoint {tag!r} in "
+                f"{checkpoint.checkpoint_dir(self.cfg.train.output_dir)}. Lower optim.lr or check the data.") from None
+        if self.state.step == 0 and self.cfg.log.image_grid and dist_utils.is_main():
+            path = save_mix_grid(result.images, os.path.join(self.cfg.train.output_dir, "mix_grid.png"),
+                                 self.cfg.data.augmentation)
+            info(f"wrote {path}")
         self.engine.step()
         self.moco.enqueue(result.keys_to_enqueue)
         self.state.step += 1

@@ -45,13 +45,17 @@ def _ce(q, k, queue, tau):
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
 
 
-def _run(cfg, step=5):
+def _no_backward(loss, is_last):
+    pass
+
+
+def _run(cfg, step=5, backward=_no_backward, sequential=False):
     torch.manual_seed(0)
     query, moco = build_moco(cfg, rank=0, world_size=1)
     engine = RecordingEngine(query)
     x1, x2 = torch.randn(B, 3, SIZE, SIZE), torch.randn(B, 3, SIZE, SIZE)
     queue = moco.queue.clone()
-    result = moco.training_step(engine, x1, x2, step)
+    result = moco.training_step(engine, x1, x2, step, backward, sequential)
     with torch.no_grad():
         k2 = moco.key_encoder.encode(x2)
         k1 = moco.key_encoder.encode(x1)
@@ -132,8 +136,7 @@ def test_erase_baseline_has_no_switch_term_and_unit_weight():
 
 def test_enqueue_wraps_and_gradients_reach_only_the_query_encoder():
     cfg = _cfg(mixmask=True, unmix=True)
-    result, _, _, _, k, moco = _run(cfg)
-    result.loss.backward()
+    result, _, _, _, k, moco = _run(cfg, backward=lambda loss, is_last: loss.backward())
     assert all(p.grad is None for p in moco.key_encoder.parameters())
     moco.queue_ptr.fill_(30)  # 32 slots: 2 left before the wrap
     moco.enqueue(k)
@@ -154,3 +157,27 @@ def test_momentum_update_moves_key_towards_query():
     m = cfg.method.momentum
     for pk, pk0, pq in zip(moco.key_encoder.parameters(), before, query.parameters()):
         torch.testing.assert_close(pk, m * pk0 + (1 - m) * pq)
+
+
+def _grads_after_step(sequential: bool):
+    cfg = _cfg(mixmask=True, unmix=True)
+    calls = []
+
+    def backward(loss, is_last):
+        calls.append(is_last)
+        loss.backward()
+
+    torch.manual_seed(0)
+    query, moco = build_moco(cfg, rank=0, world_size=1)
+    x1, x2 = torch.randn(B, 3, SIZE, SIZE), torch.randn(B, 3, SIZE, SIZE)
+    result = moco.training_step(RecordingEngine(query), x1, x2, 3, backward, sequential)
+    return result.loss, [p.grad.clone() for p in query.parameters()], calls
+
+
+def test_sequential_backward_gives_the_fused_loss_and_gradients():
+    fused_loss, fused_grads, fused_calls = _grads_after_step(sequential=False)
+    seq_loss, seq_grads, seq_calls = _grads_after_step(sequential=True)
+    assert fused_calls == [True] and seq_calls == [False, False, True]  # one backward per branch
+    torch.testing.assert_close(seq_loss, fused_loss, rtol=1e-6, atol=1e-6)
+    for g_seq, g_fused in zip(seq_grads, fused_grads):
+        torch.testing.assert_close(g_seq, g_fused, rtol=1e-4, atol=1e-6)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +66,7 @@ class QuerySet:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor
+    loss: torch.Tensor  # detached total of the step
     stats: dict[str, float] = field(default_factory=dict)
     images: dict[str, torch.Tensor] = field(default_factory=dict)
     keys_to_enqueue: torch.Tensor | None = None
@@ -162,8 +163,16 @@ class MoCo(nn.Module):
             images.update(mixmask=mm.mixed, mask=mm.masks, mixmask_perm=mm.perm)
         return sets, stats, images
 
-    def training_step(self, engine, x1: torch.Tensor, x2: torch.Tensor, step: int) -> StepResult:
-        """One step's loss. The caller runs engine.backward/step, then `enqueue`."""
+    def training_step(self, engine, x1: torch.Tensor, x2: torch.Tensor, step: int,
+                      backward: Callable[[torch.Tensor, bool], None], sequential: bool = False) -> StepResult:
+        """Forward and backward of one step; the caller then runs engine.step and `enqueue`.
+
+        `backward(loss_part, is_last)` is called once (fused: every query branch in one
+        forward and one `soft_infonce` call, so the queue is read once) or once per branch
+        (`sequential`: each branch is backpropagated right after its forward, so only one
+        branch's activations are alive at a time; the loss is a sum over rows whose terms
+        depend only on their own query, so the gradients are the same).
+        """
         self.momentum_update(engine.module)
         autocast = torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
         with autocast:
@@ -171,23 +180,31 @@ class MoCo(nn.Module):
             k1 = self.encode_keys(x1, step) if self.symmetric else None
         keys = torch.cat([k2, k1]) if self.symmetric else k2
         sets, stats, images = self._query_sets(x1, x2, step, 2 if self.symmetric else 1)
-        queries = engine(*[s.x for s in sets])
-        width = max(s.pos.size(1) for s in sets)
-        pos = torch.cat([F.pad(s.pos, (0, width - s.pos.size(1))) for s in sets])
-        weight = torch.cat([F.pad(s.weight, (0, width - s.weight.size(1))) for s in sets])
-        q = torch.cat(queries)
-        terms = ops.soft_infonce(q, keys, self.queue, pos, self.temperature)
-        # The queue is updated in place only after backward (see `enqueue`), so the
-        # autograd graph may hold it without a copy.
-        loss = (weight * terms).sum() / x1.size(0)
-        with torch.no_grad():
-            start = 0
-            for s in sets:  # per-branch loss for the logs
-                n = s.x.size(0)
-                stats[f"loss_{s.name}"] = float((weight[start:start + n] * terms[start:start + n]).sum() / n)
-                start += n
+        groups = [[s] for s in sets] if sequential else [sets]
+        total = torch.zeros((), device=x1.device)
+        for i, group in enumerate(groups):
+            loss, branch_losses = self._group_loss(engine, group, keys, x1.size(0))
+            stats.update(branch_losses)
+            # The queue is updated in place only after backward (see `enqueue`), so the
+            # autograd graph may hold it without a copy.
+            backward(loss, i == len(groups) - 1)
+            total += loss.detach()
         enqueue = torch.cat([k1, k2]) if self.symmetric else k2
-        return StepResult(loss, stats, images, enqueue)
+        return StepResult(total, stats, images, enqueue)
+
+    def _group_loss(self, engine, group: list[QuerySet], keys: torch.Tensor, batch: int):
+        """Σ weight·term / B over the rows of `group`, and each branch's share for the logs."""
+        queries = engine(*[s.x for s in group])
+        width = max(s.pos.size(1) for s in group)
+        pos = torch.cat([F.pad(s.pos, (0, width - s.pos.size(1))) for s in group])
+        weight = torch.cat([F.pad(s.weight, (0, width - s.weight.size(1))) for s in group])
+        weighted = weight * ops.soft_infonce(torch.cat(queries), keys, self.queue, pos, self.temperature)
+        branch_losses, start = {}, 0
+        for s in group:
+            n = s.x.size(0)
+            branch_losses[f"loss_{s.name}"] = float(weighted[start:start + n].detach().sum() / n)
+            start += n
+        return weighted.sum() / batch, branch_losses
 
 
 def build_moco(cfg: RunConfig, rank: int, world_size: int) -> tuple[QueryEncoder, MoCo]:
