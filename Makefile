@@ -12,13 +12,16 @@ STAMP  := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstall when the pins or the package metadata change.
-$(STAMP): $(PY) constraints.txt setup.py
+# Reinstall (which rebuilds the native module mixfast._C with CMake) when the pins, the
+# package metadata or the native sources change.
+NATIVE := CMakeLists.txt pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
+$(STAMP): $(PY) constraints.txt setup.py $(NATIVE)
 	$(PIP) install --quiet --upgrade pip
 	# torch first and alone, from the pin (the CPU wheel here, CUDA elsewhere).
 	$(PIP) install --quiet -c constraints.txt torch
-	# torchvision without its deps: its torch pin would otherwise pull the CUDA build.
-	$(PIP) install --quiet --no-deps -c constraints.txt torchvision
+	# torchvision 0.28.0 requires torch==2.13.0 exactly, so it cannot pull in another torch.
+	$(PIP) install --quiet -c constraints.txt torchvision
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 

@@ -8,7 +8,6 @@ optionally.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -41,18 +40,23 @@ class MixMaskMixer:
         """Mix view `x` (normalized, [B,C,H,W]). `random_partner`: a fresh permutation
         (used together with Un-Mix, which keeps flip); otherwise flip."""
         b = x.size(0)
-        n_masks = b if self.cfg.per_sample else 1
-        masks = ops.make_masks(n_masks, self.cfg.grid, self._ratio(step), self.cfg.kind,
-                               seed=self.seed * 65537 + self.rank, step=step)
+        mask_args = dict(grid=self.cfg.grid, ratio=self._ratio(step), kind=self.cfg.kind,
+                         seed=self.seed * 65537 + self.rank, step=step)
         if random_partner:
             perm = torch.randperm(b, generator=step_generator(self.seed, self.rank, STREAM_MIXMASK, step)).to(x.device)
         else:
             perm = flip_permutation(b, x.device)
         if self.cfg.fill == "image":
-            mixed, _, lam = ops.mix(x, masks, perm)
+            # One op draws the masks and mixes (a single kernel launch on a GPU); the masks are
+            # the bits ops.make_masks would draw. perm=None means flip and lets the kernels
+            # read each pair of images once.
+            mixed, _, lam, masks = ops.make_masks_and_mix(x, perm if random_partner else None,
+                                                          per_sample=self.cfg.per_sample, **mask_args)
             own = lam.expand(b)
             filler = (1 - lam).expand(b) if self.cfg.switch else torch.zeros_like(own)
         else:
+            masks = ops.make_masks(b if self.cfg.per_sample else 1, mask_args["grid"], mask_args["ratio"],
+                                   mask_args["kind"], seed=mask_args["seed"], step=step)
             # Erase baselines (MSCN): no partner image, so no switch term, and λ = 1 (SPEC §1).
             if self.cfg.fill == "zero":
                 filler_img = torch.zeros_like(x)

@@ -7,6 +7,15 @@ backend is tested against.
 """
 
 from mixfast.ops.infonce import soft_infonce
-from mixfast.ops.mix import make_masks, mix, rand_bbox, unmix, upsample_masks
+from mixfast.ops.mix import make_masks, make_masks_and_mix, mix, mix_and_unmix, rand_bbox, unmix, upsample_masks
 
-__all__ = ["make_masks", "mix", "unmix", "rand_bbox", "soft_infonce", "upsample_masks"]
+__all__ = [
+    "make_masks",
+    "make_masks_and_mix",
+    "mix",
+    "mix_and_unmix",
+    "unmix",
+    "rand_bbox",
+    "soft_infonce",
+    "upsample_masks",
+]

@@ -1,9 +1,587 @@
 """Mask generation + permuted mixing + switch + λ, and Un-Mix: public entry points.
 
-Dispatches to a backend (see _backend.py). Until native kernels land, every call runs the
-reference implementation.
+Every op validates its arguments here (shape, dtype, device, layout, grid and ratio
+ranges: errors say what was wrong), then calls a ``torch.library`` custom op
+(``mixfast::mix``, ``mixfast::make_masks_and_mix``, ``mixfast::unmix``,
+``mixfast::mix_and_unmix``) with a fake implementation, so ``torch.compile`` traces
+through a model that calls them. Inside the op a backend is chosen per call
+(``_backend.py``: ``MIXFAST_BACKEND=auto|cuda|triton|cpu|torch``):
+
+* ``cpu``    -- the C++/OpenMP kernels of ``mixfast._C`` (CPU tensors),
+* ``cuda``   -- the CUDA kernels of ``mixfast._C`` (CUDA tensors; fused mask generation),
+* ``triton`` -- ``kernels/mix.py`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``),
+* ``torch``  -- ``reference.py``, the specification.
+
+``auto`` prefers cuda > triton > torch on a GPU and cpu > torch on the CPU, and falls back
+quietly (float64 inputs, tensors that need gradients, or a missing build run the
+reference); a backend named explicitly fails loudly when it cannot run the call.
+
+Masks are the same bits on every backend (Philox4x32-10, see ``reference.make_masks``),
+so outputs are pixel-identical to the reference for masking and CutMix, and identical up
+to the documented float32 rounding for mixup.
 """
 
-from mixfast.ops.reference import make_masks, mix, rand_bbox, unmix, upsample_masks
+from __future__ import annotations
 
-__all__ = ["make_masks", "mix", "rand_bbox", "unmix", "upsample_masks"]
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from mixfast.ops import _backend, _native
+from mixfast.ops import reference as ref
+from mixfast.ops.reference import rand_bbox, upsample_masks
+
+__all__ = [
+    "make_masks",
+    "make_masks_and_mix",
+    "mix",
+    "mix_and_unmix",
+    "rand_bbox",
+    "unmix",
+    "upsample_masks",
+    "backend_for",
+]
+
+Tensor = torch.Tensor
+_U64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401, PLC0415
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def _triton_ready(device_type: str) -> bool:
+    """Triton runs on a GPU, or on the CPU only in its interpreter (TRITON_INTERPRET=1)."""
+    if device_type == "cuda":
+        return _triton_importable()
+    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+
+
+def backend_for(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The backend that runs ``op`` for a tensor of ``dtype`` on ``device`` right now."""
+    device_type = torch.device(device).type
+    requested = _backend.requested_backend()
+    if dtype not in _native.NATIVE_DTYPES:
+        if requested in ("auto", "torch"):
+            return "torch"
+        raise _backend.BackendUnavailable(
+            f"MIXFAST_BACKEND={requested} was requested for {op}, but the {requested} kernels support float32, "
+            f"bfloat16 and float16 only, got {dtype} (use MIXFAST_BACKEND=torch or auto)")
+    available = {
+        "cpu": lambda: device_type == "cpu" and _native.available(),
+        "cuda": lambda: device_type == "cuda" and _native.cuda_ready(),
+        "triton": lambda: _triton_ready(device_type),
+    }
+    preference = ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
+    return _backend.choose(op, device_type, available, preference, requested)
+
+
+def _triton_mod():
+    from kernels import mix as triton_mix  # noqa: PLC0415 - imported on first use (TRITON_INTERPRET)
+
+    return triton_mix
+
+
+# ---------------------------------------------------------------------------------------
+# validation (structural checks here; value checks of perm inside the ops)
+# ---------------------------------------------------------------------------------------
+
+
+def _desc(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else repr(type(t))
+
+
+def _check_x(op: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{op}: x must be a tensor, got {type(x)!r}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be floating point, got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{op}: x must not be empty, got shape {tuple(x.shape)}")
+
+
+def _check_perm(op: str, perm, B: int, device: torch.device) -> None:
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1 or perm.numel() != B:
+        raise ValueError(f"{op}: perm must be a 1-D int64 tensor of length B={B}, got {_desc(perm)}")
+    if perm.device != device:
+        raise ValueError(f"{op}: perm must be on x's device {device}, got {perm.device}")
+
+
+def _check_masks(op: str, masks, B: int) -> None:
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+        raise ValueError(f"{op}: masks must be a torch.bool tensor, got "
+                         + (str(masks.dtype) if isinstance(masks, torch.Tensor) else repr(type(masks))))
+    if masks.dim() != 3 or masks.shape[0] not in (1, B) or masks.shape[1] != masks.shape[2]:
+        raise ValueError(f"{op}: masks must have shape [1, g, g] or [B={B}, g, g], got {tuple(masks.shape)}")
+    g = masks.shape[1]
+    if not (2 <= g <= 64):
+        raise ValueError(f"{op}: masks grid g must be in [2, 64], got g={g}")
+
+
+def _check_lam(op: str, lam) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
+        raise ValueError(f"{op}: lam must be a number in [0, 1], got lam={lam!r}")
+    return float(lam)
+
+
+def _check_box(op: str, box, H: int, W: int) -> Tuple[int, int, int, int]:
+    if not isinstance(box, (tuple, list)) or len(box) != 4 or not all(ref._is_int(v) for v in box):
+        raise ValueError(f"{op}: box must be a tuple of 4 ints (y1, y2, x1, x2), got {box!r}")
+    y1, y2, x1, x2 = box
+    if not (0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W):
+        raise ValueError(f"{op}: box must satisfy 0<=y1<=y2<=H={H} and 0<=x1<=x2<=W={W}, got {tuple(box)!r}")
+    return int(y1), int(y2), int(x1), int(x2)
+
+
+def _check_perm_values(op: str, perm: Tensor) -> None:
+    """perm must be a permutation of range(B). On the CPU a ValueError; on a GPU a device
+    assert (no host sync on the fast path)."""
+    B = perm.numel()
+    ok = torch.sort(perm).values == torch.arange(B, device=perm.device)
+    if perm.device.type == "cpu":
+        if not bool(ok.all()):
+            raise ValueError(f"{op}: perm must be a permutation of range({B}), got {perm.tolist()}")
+    else:
+        torch._assert_async(ok.all(), f"{op}: perm must be a permutation of range({B})")
+
+
+def _i64(v: int) -> int:
+    """``v`` mod 2^64 as a signed int64 (op schemas carry int64; mask_key reduces mod 2^64)."""
+    v &= _U64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+# ---------------------------------------------------------------------------------------
+# layout helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _out_format(x: Tensor) -> torch.memory_format:
+    """Outputs are channels_last iff x is channels_last-contiguous (and not NCHW-contiguous)."""
+    return ref._memory_format(x)
+
+
+def _empty_out(x: Tensor, fmt: torch.memory_format) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _native_out(x: Tensor, fmt: torch.memory_format) -> Tensor:
+    """An output of the native kernels: on the CPU from the output cache (see
+    _native.CpuOutputCache: fresh pages cost more than the kernel), else a new tensor."""
+    if x.device.type == "cpu":
+        return _native.output_cache.empty(x.shape, x.dtype, fmt)
+    return _empty_out(x, fmt)
+
+
+def _per_image_dense(t: Tensor, fmt: torch.memory_format) -> Tuple[Tensor, int]:
+    """``t`` (or a dense copy) whose images are each dense in ``fmt``, and its batch stride."""
+    B, C, H, W = t.shape
+    if fmt == torch.channels_last:
+        if t.is_contiguous(memory_format=torch.channels_last):
+            return t, C * H * W
+        t = t.contiguous(memory_format=torch.channels_last)
+        return t, C * H * W
+    if B > 0 and t[0].is_contiguous() and t.stride(0) >= C * H * W:
+        return t, (t.stride(0) if B > 1 else C * H * W)
+    return t.contiguous(), C * H * W
+
+
+# ---------------------------------------------------------------------------------------
+# native (CPU / CUDA) runners
+# ---------------------------------------------------------------------------------------
+
+
+def _native_mask_source(C, op, n: int, grid: int, masks: Optional[Tensor], spec, device) -> Tuple[object, Optional[Tensor], Optional[Tensor]]:
+    """``_C.MaskSource`` for given masks (bool -> uint8 on ``device``) or for a spec to draw."""
+    src = C.MaskSource()
+    src.n, src.grid = n, grid
+    keep, out = None, None
+    if masks is not None:
+        keep = masks.to(device=device).contiguous().view(torch.uint8)
+        src.given = keep.data_ptr()
+    else:
+        src.spec = _native.mask_spec(spec)
+        out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
+        src.out = out.data_ptr()
+    return src, keep, out
+
+
+def _native_mix_args(C, op: str, x: Tensor, perm: Optional[Tensor], filler: Optional[Tensor], want_switch: bool,
+                     src, n: int, perm_is_flip: bool):
+    """Fill ``_C.MixArgs``; returns (args, outputs, tensors to keep alive)."""
+    fmt = _out_format(x)
+    xx, xbs = _per_image_dense(x, fmt)
+    a = C.MixArgs()
+    a.geo = _native.geometry(op, xx, fmt == torch.channels_last)
+    a.x, a.x_batch_stride = xx.data_ptr(), xbs
+    keep = [xx]
+    if perm is not None:
+        pp = perm.contiguous()
+        keep.append(pp)
+        a.perm = pp.data_ptr()
+    if filler is not None:
+        ff, fbs = _per_image_dense(filler, fmt)
+        keep.append(ff)
+        a.filler, a.filler_batch_stride = ff.data_ptr(), fbs
+    a.perm_is_flip = perm_is_flip
+    a.masks = src
+    mixed = _native_out(x, fmt)
+    switch = _native_out(x, fmt) if want_switch else x.new_empty((0,))
+    lam = torch.empty((n,), dtype=torch.float32, device=x.device)
+    a.mixed, a.lam = mixed.data_ptr(), lam.data_ptr()
+    if want_switch:
+        a.switch_out = switch.data_ptr()
+    a.num_threads = _native.num_threads()
+    return a, (mixed, switch, lam), keep
+
+
+def _run_native(C, fn: str, device: torch.device, *args) -> None:
+    if device.type == "cpu":
+        getattr(C, f"{fn}_cpu")(*args)
+        return
+    with torch.cuda.device(device):
+        getattr(C, f"{fn}_cuda")(*args, _native.stream_handle(device))
+
+
+def _native_unmix_args(C, op: str, x: Tensor, lam: float, use_mixup: bool, box) -> Tuple[object, Tensor, list]:
+    fmt = _out_format(x)
+    xx, xbs = _per_image_dense(x, fmt)
+    u = C.UnmixArgs()
+    u.geo = _native.geometry(op, xx, fmt == torch.channels_last)
+    u.x, u.x_batch_stride = xx.data_ptr(), xbs
+    u.mixup = use_mixup
+    u.lam, u.mu = lam, 1.0 - lam  # float32(lam), float32(1 - lam): the reference's scalars
+    u.y1, u.y2, u.x1, u.x2 = box
+    out = _native_out(x, fmt)
+    u.out = out.data_ptr()
+    u.num_threads = _native.num_threads()
+    return u, out, [xx]
+
+
+# ---------------------------------------------------------------------------------------
+# custom ops
+#
+# Each op is a plain function (``*_impl``) registered as a torch.library custom op
+# (``*_op``) with a fake implementation. Eager calls go straight to the function: the
+# dispatcher round trip costs ~0.1 ms per call, a sixth of the whole op at B=32, 224^2 on
+# two CPU cores. Under torch.compile the custom op is what gets traced (see _call).
+# ---------------------------------------------------------------------------------------
+
+
+def _call(op, impl, *args):
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+
+def _fake_mix_outputs(x: Tensor, n: int, want_switch: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    fmt = _out_format(x)
+    switch = _empty_out(x, fmt) if want_switch else x.new_empty((0,))
+    return _empty_out(x, fmt), switch, x.new_empty((n,), dtype=torch.float32)
+
+
+def _mix_impl(x: Tensor, masks: Tensor, perm: Optional[Tensor], filler: Optional[Tensor],
+              want_switch: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    backend = backend_for("mix", x.device, x.dtype)
+    if backend == "torch":
+        mixed, switch, lam = ref.mix(x, masks, perm, want_switch, filler=filler)
+        return mixed, (switch if switch is not None else x.new_empty((0,))), lam
+    if perm is not None:
+        _check_perm_values("mix", perm)
+    n, g = masks.shape[0], masks.shape[1]
+    if backend == "triton":
+        return _triton_mod().mix(x, masks=masks, spec=None, n_masks=n, grid=g, perm=perm, filler=filler,
+                                 want_switch=want_switch, perm_is_flip=False)[:3]
+    C = _native.require_native("mix")
+    if backend == "cuda":
+        _native.require_cuda_tensor("mix", x)
+    # *_alive: tensors whose addresses the native args hold; they must outlive the call
+    src, masks_alive, _ = _native_mask_source(C, "mix", n, g, masks, None, x.device)
+    args, outs, inputs_alive = _native_mix_args(C, "mix", x, perm, filler, want_switch, src, n, False)
+    _run_native(C, "mix", x.device, args)
+    return outs
+
+
+_mix_op = torch.library.custom_op("mixfast::mix", mutates_args=())(_mix_impl)
+
+
+@_mix_op.register_fake
+def _(x, masks, perm, filler, want_switch):
+    return _fake_mix_outputs(x, masks.shape[0], want_switch)
+
+
+def _make_masks_and_mix_impl(x: Tensor, perm: Optional[Tensor], grid: int, ratio: float, kind: str,
+                             per_sample: bool, seed: int, step: int,
+                             want_switch: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    B = x.shape[0]
+    n = B if per_sample else 1
+    flip = perm is None
+    perm_t = torch.arange(B - 1, -1, -1, device=x.device) if flip else perm
+    backend = backend_for("make_masks_and_mix", x.device, x.dtype)
+    if backend == "torch":
+        masks = ref.make_masks(n, grid, ratio, kind, seed=seed, step=step).to(x.device)
+        mixed, switch, lam = ref.mix(x, masks, perm_t, want_switch)
+        return mixed, (switch if switch is not None else x.new_empty((0,))), lam, masks
+    if not flip:
+        _check_perm_values("make_masks_and_mix", perm_t)
+    spec = ref.mask_spec(grid, ratio, kind, seed, step)
+    if backend == "triton":
+        mixed, switch, lam, masks = _triton_mod().mix(x, masks=None, spec=spec, n_masks=n, grid=grid, perm=perm_t,
+                                                      filler=None, want_switch=want_switch, perm_is_flip=flip)
+        return mixed, switch, lam, masks.view(torch.bool)
+    C = _native.require_native("make_masks_and_mix")
+    if backend == "cuda":
+        _native.require_cuda_tensor("make_masks_and_mix", x)
+    src, _, masks_out = _native_mask_source(C, "make_masks_and_mix", n, grid, None, spec, x.device)
+    args, outs, inputs_alive = _native_mix_args(C, "make_masks_and_mix", x, perm_t, None, want_switch, src, n, flip)
+    _run_native(C, "mix", x.device, args)
+    return (*outs, masks_out.view(torch.bool))
+
+
+_make_masks_and_mix_op = torch.library.custom_op("mixfast::make_masks_and_mix",
+                                                 mutates_args=())(_make_masks_and_mix_impl)
+
+
+@_make_masks_and_mix_op.register_fake
+def _(x, perm, grid, ratio, kind, per_sample, seed, step, want_switch):
+    n = x.shape[0] if per_sample else 1
+    mixed, switch, lam = _fake_mix_outputs(x, n, want_switch)
+    return mixed, switch, lam, x.new_empty((n, grid, grid), dtype=torch.bool)
+
+
+def _unmix_impl(x: Tensor, lam: float, use_mixup: bool, y1: int, y2: int, x1: int, x2: int) -> Tensor:
+    backend = backend_for("unmix", x.device, x.dtype)
+    if backend == "torch":
+        return ref.unmix(x, lam, use_mixup, box=None if use_mixup else (y1, y2, x1, x2))[0]
+    if backend == "triton":
+        return _triton_mod().unmix(x, lam=lam, use_mixup=use_mixup, box=(y1, y2, x1, x2))
+    C = _native.require_native("unmix")
+    if backend == "cuda":
+        _native.require_cuda_tensor("unmix", x)
+    u, out, inputs_alive = _native_unmix_args(C, "unmix", x, lam, use_mixup, (y1, y2, x1, x2))
+    _run_native(C, "unmix", x.device, u)
+    return out
+
+
+_unmix_op = torch.library.custom_op("mixfast::unmix", mutates_args=())(_unmix_impl)
+
+
+@_unmix_op.register_fake
+def _(x, lam, use_mixup, y1, y2, x1, x2):
+    return _empty_out(x, _out_format(x))
+
+
+def _mix_and_unmix_impl(x: Tensor, masks: Tensor, perm: Tensor, want_switch: bool, lam: float, use_mixup: bool,
+                        y1: int, y2: int, x1: int, x2: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = backend_for("mix_and_unmix", x.device, x.dtype)
+    box = (y1, y2, x1, x2)
+    if backend == "torch":
+        mixed, switch, lam_m = ref.mix(x, masks, perm, want_switch)
+        x_um = ref.unmix(x, lam, use_mixup, box=None if use_mixup else box)[0]
+        return mixed, (switch if switch is not None else x.new_empty((0,))), lam_m, x_um
+    _check_perm_values("mix_and_unmix", perm)
+    n, g = masks.shape[0], masks.shape[1]
+    if backend == "triton":
+        return _triton_mod().mix_and_unmix(x, masks=masks, perm=perm, want_switch=want_switch, lam=lam,
+                                           use_mixup=use_mixup, box=box)
+    C = _native.require_native("mix_and_unmix")
+    if backend == "cuda":
+        _native.require_cuda_tensor("mix_and_unmix", x)
+    src, masks_alive, _ = _native_mask_source(C, "mix_and_unmix", n, g, masks, None, x.device)
+    a = C.MixUnmixArgs()
+    margs, (mixed, switch, lam_m), inputs_alive = _native_mix_args(C, "mix_and_unmix", x, perm, None, want_switch,
+                                                                   src, n, False)
+    u, x_um, unmix_inputs_alive = _native_unmix_args(C, "mix_and_unmix", x, lam, use_mixup, box)
+    a.mix, a.unmix = margs, u
+    _run_native(C, "mix_and_unmix", x.device, a)
+    return mixed, switch, lam_m, x_um
+
+
+_mix_and_unmix_op = torch.library.custom_op("mixfast::mix_and_unmix", mutates_args=())(_mix_and_unmix_impl)
+
+
+@_mix_and_unmix_op.register_fake
+def _(x, masks, perm, want_switch, lam, use_mixup, y1, y2, x1, x2):
+    mixed, switch, lam_m = _fake_mix_outputs(x, masks.shape[0], want_switch)
+    return mixed, switch, lam_m, _empty_out(x, _out_format(x))
+
+
+# ---------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: int, step: int) -> Tensor:
+    """Draw ``n`` MixMask grid masks: CPU ``torch.bool [n, grid, grid]``, 1 = keep ``x_i``.
+
+    Same contract and bits as :func:`mixfast.ops.reference.make_masks` (Philox4x32-10
+    keyed by ``(seed, step)``, counters from ``(draw, sample)``); drawn by the C++ kernels
+    when built (``MIXFAST_BACKEND=cpu``), by Triton or CUDA when asked for by name (on
+    their device, then copied to the CPU), else by the reference.
+    """
+    ref.check_make_masks_args(n, grid, ratio, kind, seed, step)
+    requested = _backend.requested_backend()
+    device = torch.device("cuda") if requested in ("cuda", "triton") and torch.cuda.is_available() else torch.device("cpu")
+    backend = backend_for("make_masks", device)
+    if backend == "torch":
+        return ref.make_masks(n, grid, ratio, kind, seed=seed, step=step)
+    spec = ref.mask_spec(grid, float(ratio), kind, seed, step)
+    if backend == "triton":
+        return _triton_mod().make_masks(spec, n, device).view(torch.bool).cpu()
+    C = _native.require_native("make_masks")
+    out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
+    if backend == "cuda":
+        with torch.cuda.device(device):
+            C.make_masks_cuda(_native.mask_spec(spec), n, out.data_ptr(), _native.stream_handle(device))
+        return out.view(torch.bool).cpu()
+    C.make_masks_cpu(_native.mask_spec(spec), n, out.data_ptr(), _native.num_threads())
+    return out.view(torch.bool)
+
+
+def mix(
+    x: Tensor,
+    masks: Tensor,
+    perm: Optional[Tensor],
+    want_switch: bool = False,
+    *,
+    filler: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """MixMask mixing (SPEC §1): ``(mixed, switch or None, lam)``; contract of
+    :func:`mixfast.ops.reference.mix` (selection, so every pixel is bit-exact; outputs keep
+    x's dtype and memory format; ``lam`` float32 ``[1]`` or ``[B]``)."""
+    _check_x("mix", x)
+    B = x.shape[0]
+    _check_masks("mix", masks, B)
+    if filler is not None:
+        if want_switch:
+            raise ValueError("mix: want_switch=True is not allowed with a filler (erase baselines have no switch)")
+        if not isinstance(filler, torch.Tensor) or filler.shape != x.shape or filler.dtype != x.dtype:
+            raise ValueError(f"mix: filler must be a tensor shaped like x {tuple(x.shape)} with dtype {x.dtype}, "
+                             f"got {_desc(filler)}")
+        if filler.device != x.device:
+            raise ValueError(f"mix: filler must be on x's device {x.device}, got {filler.device}")
+        if perm is not None:
+            _check_perm("mix", perm, B, x.device)
+        perm = None  # checked but ignored with a filler (as in the reference)
+    elif perm is None:
+        raise ValueError("mix: perm is required unless a filler is given")
+    else:
+        _check_perm("mix", perm, B, x.device)
+    if _needs_grad(x, filler):
+        return ref.mix(x, masks, perm, want_switch, filler=filler)
+    mixed, switch, lam = _call(_mix_op, _mix_impl, x, masks, perm, filler, bool(want_switch))
+    return mixed, (switch if want_switch else None), lam
+
+
+def make_masks_and_mix(
+    x: Tensor,
+    perm: Optional[Tensor] = None,
+    *,
+    grid: int,
+    ratio: float,
+    kind: str = "block",
+    per_sample: bool = False,
+    seed: int,
+    step: int,
+    want_switch: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """Draw the masks and mix in one call (one launch on CUDA / Triton):
+    ``(mixed, switch or None, lam, masks)``.
+
+    Equals ``masks = make_masks(B if per_sample else 1, grid, ratio, kind, seed=seed,
+    step=step)`` followed by ``mix(x, masks, perm, want_switch)``, bit for bit, except that
+    ``masks`` is returned on x's device. ``perm=None`` means the flip ``i -> B-1-i`` (the
+    papers' pairing), which lets the kernels read each pair of images once.
+    """
+    _check_x("make_masks_and_mix", x)
+    B = x.shape[0]
+    ref.check_make_masks_args(B if per_sample else 1, grid, ratio, kind, seed, step)
+    if perm is not None:
+        _check_perm("make_masks_and_mix", perm, B, x.device)
+    if _needs_grad(x):
+        masks = ref.make_masks(B if per_sample else 1, grid, ratio, kind, seed=seed, step=step).to(x.device)
+        perm_t = perm if perm is not None else torch.arange(B - 1, -1, -1, device=x.device)
+        mixed, switch, lam = ref.mix(x, masks, perm_t, want_switch)
+        return mixed, switch, lam, masks
+    mixed, switch, lam, masks = _call(_make_masks_and_mix_op, _make_masks_and_mix_impl, x, perm, int(grid),
+                                      float(ratio), str(kind), bool(per_sample), _i64(seed), _i64(step),
+                                      bool(want_switch))
+    return mixed, (switch if want_switch else None), lam, masks
+
+
+def unmix(
+    x: Tensor,
+    lam: float,
+    use_mixup: bool,
+    box: Optional[Tuple[int, int, int, int]] = None,
+) -> Tuple[Tensor, float]:
+    """Un-Mix with the flip partner (SPEC §2): ``(x_um, lam_effective)``; contract of
+    :func:`mixfast.ops.reference.unmix` (mixup in float32 rounded once to x's dtype;
+    CutMix pastes ``flip(x)`` inside ``box``, drawn by :func:`rand_bbox` when ``None``)."""
+    _check_x("unmix", x)
+    lam = _check_lam("unmix", lam)
+    B, C, H, W = x.shape
+    if use_mixup:
+        if box is not None:
+            raise ValueError("unmix: box is only meaningful for CutMix (use_mixup=False)")
+        box_t = (0, 0, 0, 0)
+        lam_eff = lam
+    else:
+        box_t = _check_box("unmix", box if box is not None else rand_bbox(H, W, lam), H, W)
+        y1, y2, x1, x2 = box_t
+        lam_eff = 1.0 - ((y2 - y1) * (x2 - x1)) / float(H * W)
+    if _needs_grad(x):
+        return ref.unmix(x, lam, use_mixup, box=None if use_mixup else box_t)
+    return _call(_unmix_op, _unmix_impl, x, lam, bool(use_mixup), *box_t), lam_eff
+
+
+def mix_and_unmix(
+    x: Tensor,
+    masks: Tensor,
+    perm: Tensor,
+    lam_unmix: float,
+    use_mixup: bool,
+    box: Optional[Tuple[int, int, int, int]] = None,
+    want_switch: bool = False,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, float]:
+    """MixMask (permutation ``perm``) and Un-Mix (flip) of the same batch from one pass over
+    ``x``: ``(mixed, switch or None, lam_mixmask, x_unmix, lam_unmix_effective)``.
+
+    Identical to ``mix(x, masks, perm, want_switch)`` and ``unmix(x, lam_unmix, use_mixup,
+    box)`` (SPEC §1: with both on, MixMask takes a fresh permutation and Un-Mix keeps flip).
+    """
+    _check_x("mix_and_unmix", x)
+    B, C, H, W = x.shape
+    _check_masks("mix_and_unmix", masks, B)
+    _check_perm("mix_and_unmix", perm, B, x.device)
+    lam_unmix = _check_lam("mix_and_unmix", lam_unmix)
+    if use_mixup:
+        if box is not None:
+            raise ValueError("mix_and_unmix: box is only meaningful for CutMix (use_mixup=False)")
+        box_t, lam_eff = (0, 0, 0, 0), lam_unmix
+    else:
+        box_t = _check_box("mix_and_unmix", box if box is not None else rand_bbox(H, W, lam_unmix), H, W)
+        y1, y2, x1, x2 = box_t
+        lam_eff = 1.0 - ((y2 - y1) * (x2 - x1)) / float(H * W)
+    if _needs_grad(x):
+        mixed, switch, lam_m = ref.mix(x, masks, perm, want_switch)
+        return mixed, switch, lam_m, ref.unmix(x, lam_unmix, use_mixup, box=None if use_mixup else box_t)[0], lam_eff
+    mixed, switch, lam_m, x_um = _call(_mix_and_unmix_op, _mix_and_unmix_impl, x, masks, perm, bool(want_switch),
+                                       lam_unmix, bool(use_mixup), *box_t)
+    return mixed, (switch if want_switch else None), lam_m, x_um, lam_eff
