@@ -1,0 +1,348 @@
+"""Fused soft-InfoNCE in Triton: flash-style column streaming with an online logsumexp, split over columns.
+
+Implements the two primitives every soft-InfoNCE backend provides (definitions in
+`mixfast/ops/infonce_chunked.py`; the loss and its gradient are assembled from them in `mixfast/ops/infonce.py`):
+
+* `lse(q, cols, exclude, scale)`: per-row logsumexp of `scale * q @ cols.T`. Programs form a grid
+  (row block, column split); each streams its split's column tiles through a running max and sum (base 2) and
+  writes one partial (max, sum) pair per row. The partials are combined afterwards by a fixed-order logsumexp
+  over the splits (flash-decoding): M = 512..768 rows are only 4..12 row blocks, far too few to fill a GPU without
+  splitting the K = 65536 columns, and a fixed-order combine keeps results bitwise reproducible (no atomics).
+* `grads(...)`: the backward recomputes each tile's logits from the saved per-row lse (nothing of size M x K is
+  ever stored). `dq` comes from a row-parallel kernel split over columns, `dcols` (only when asked: in-batch keys,
+  or MoCo keys through their positives; never the queue) from a column-parallel kernel split over rows; both write
+  per-split partials that are summed in a fixed order.
+
+Precision: loads in the input dtype (fp32/bf16/fp16), accumulation in fp32. The temperature and log2(e) are folded
+into the one multiply that turns a dot product into a base-2 logit (it fuses with the max subtraction feeding exp2):
+scaling a bf16 `q` by 1/tau before the dot would round q a second time, as coarsely as its own storage did.
+fp32 inputs use IEEE fp32 dots (TF32 off). Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) tiles are
+upcast to fp32 after loading because the interpreter has no bf16 dot.
+
+No autotuning: block sizes come from a small table by dtype and D (autotune's benchmarking does not run under the
+interpreter, and a fixed table keeps results reproducible); D up to 256.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Whether these kernels were defined in interpreter mode. Triton decides at definition time, so it is captured at
+# import; CPU tensors can only run through kernels defined this way.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+MAX_DIM = 256
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_MAX_SPLITS = 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptr, rows, dims, row_ok, stride, D: tl.constexpr, DOT_F32: tl.constexpr):
+    """Tile [len(rows), BLOCK_D] of a row-major matrix with unit column stride; zero outside."""
+    x = tl.load(ptr + rows.to(tl.int64)[:, None] * stride + dims[None, :],
+                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0)
+    if DOT_F32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot_nt(a, b, DOT_F32: tl.constexpr):
+    """a @ b.T with fp32 accumulation (IEEE fp32 when DOT_F32, else the inputs' tensor-core dtype)."""
+    if DOT_F32:
+        s = tl.dot(a, tl.trans(b), input_precision="ieee")
+    else:
+        s = tl.dot(a, tl.trans(b))
+    return s
+
+
+@triton.jit
+def _dot_nn(coef, b, DOT_F32: tl.constexpr):
+    """coef @ b, coef fp32; coef is rounded to b's dtype for the tensor cores when b is 16-bit."""
+    if DOT_F32:
+        s = tl.dot(coef, b, input_precision="ieee")
+    else:
+        s = tl.dot(coef.to(b.dtype), b)
+    return s
+
+
+@triton.jit
+def _coef(q, c, rows, cols, row_ok, col_ok, excl, lse2, gl, POS, GS, scale_log2,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P: tl.constexpr, HAS_EXCL: tl.constexpr,
+          IN_DENOM: tl.constexpr, HAS_POS: tl.constexpr, DOT_F32: tl.constexpr):
+    """d F / d s for one tile: gl_r softmax_rj (if the columns are in the denominator) + the positives' gs_rp."""
+    if IN_DENOM:
+        s2 = _dot_nt(q, c, DOT_F32) * scale_log2
+        valid = row_ok[:, None] & col_ok[None, :]
+        if HAS_EXCL:
+            valid = valid & (cols[None, :] != excl[:, None])
+        coef = tl.where(valid, tl.exp2(s2 - lse2[:, None]) * gl[:, None], 0.0)
+    else:
+        coef = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if HAS_POS:
+        for p in tl.static_range(P):
+            target = tl.load(POS + rows.to(tl.int64) * P + p, mask=row_ok, other=-1)
+            g = tl.load(GS + rows.to(tl.int64) * P + p, mask=row_ok, other=0.0)
+            coef += tl.where(target[:, None] == cols[None, :], g[:, None], 0.0)
+    return coef
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lse_partials_kernel(Q, C, EXCL, PART_MAX, PART_SUM, M, N, stride_q, stride_c, cols_per_split, scale_log2,
+                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_EXCL: tl.constexpr, DOT_F32: tl.constexpr):
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32)  # stays in registers for the whole split
+    if HAS_EXCL:
+        excl = tl.load(EXCL + rows, mask=row_ok, other=-1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, N)
+    for c0 in range(start, end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < end
+        c = _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32)
+        s2 = _dot_nt(q, c, DOT_F32) * scale_log2
+        valid = col_ok[None, :]
+        if HAS_EXCL:
+            valid = valid & (cols[None, :] != excl[:, None])
+        s2 = tl.where(valid, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid column yet: keep l = 0
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), 1)
+        m_i = m_new
+    out = split.to(tl.int64) * M + rows
+    tl.store(PART_MAX + out, m_i, mask=row_ok)
+    tl.store(PART_SUM + out, l_i, mask=row_ok)
+
+
+@triton.jit
+def _grad_q_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DQ, M, N, stride_q, stride_c, cols_per_split,
+                   scale_log2, scale, P: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_EXCL: tl.constexpr, IN_DENOM: tl.constexpr,
+                   HAS_POS: tl.constexpr, DOT_F32: tl.constexpr):
+    split = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32)
+    excl = rows
+    lse2 = tl.zeros([BLOCK_M], tl.float32)
+    gl = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_EXCL:
+        excl = tl.load(EXCL + rows, mask=row_ok, other=-1)
+    if IN_DENOM:
+        lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
+        gl = tl.load(GL + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, N)
+    for c0 in range(start, end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < end
+        c = _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32)
+        coef = _coef(q, c, rows, cols, row_ok, col_ok, excl, lse2, gl, POS, GS, scale_log2,
+                     BLOCK_M, BLOCK_N, P, HAS_EXCL, IN_DENOM, HAS_POS, DOT_F32)
+        acc += _dot_nn(coef, c, DOT_F32)
+    out = (split.to(tl.int64) * M + rows.to(tl.int64))[:, None] * D + dims[None, :]
+    tl.store(PART_DQ + out, acc * scale, mask=row_ok[:, None] & (dims[None, :] < D))
+
+
+@triton.jit
+def _grad_cols_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DC, M, N, stride_q, stride_c, rows_per_split,
+                      scale_log2, scale, P: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_EXCL: tl.constexpr,
+                      IN_DENOM: tl.constexpr, HAS_POS: tl.constexpr, DOT_F32: tl.constexpr):
+    split = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < N
+    c = _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32)  # stays in registers for the whole split
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, M)
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32)
+        excl = rows
+        lse2 = tl.zeros([BLOCK_M], tl.float32)
+        gl = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_EXCL:
+            excl = tl.load(EXCL + rows, mask=row_ok, other=-1)
+        if IN_DENOM:
+            lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
+            gl = tl.load(GL + rows, mask=row_ok, other=0.0)
+        coef = _coef(q, c, rows, cols, row_ok, col_ok, excl, lse2, gl, POS, GS, scale_log2,
+                     BLOCK_M, BLOCK_N, P, HAS_EXCL, IN_DENOM, HAS_POS, DOT_F32)
+        acc += _dot_nn(tl.trans(coef), q, DOT_F32)
+    out = (split.to(tl.int64) * N + cols.to(tl.int64))[:, None] * D + dims[None, :]
+    tl.store(PART_DC + out, acc * scale, mask=col_ok[:, None] & (dims[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def supports(q: torch.Tensor, cols: torch.Tensor) -> bool:
+    """Whether these kernels take this problem: a device they can run on, a supported dtype, D <= 256."""
+    if q.device.type == "cpu" and not INTERPRETED:
+        return False
+    return q.dtype in DTYPES and cols.dtype == q.dtype and q.shape[1] <= MAX_DIM
+
+
+def _config(dtype: torch.dtype, d: int, device_type: str) -> dict:
+    """Tile sizes: small tiles under the interpreter (it executes every program in numpy), GPU tiles otherwise."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if device_type == "cpu":
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, DOT_F32=True, launch={})
+    wide = block_d > 128  # [rows, 256] tiles of q and of the dq accumulator: smaller tiles, more warps
+    # FMA contraction stays on (named, since Triton's default is changing): the scale folds into exp2's argument as
+    # one FMA, and a contracted multiply-add is never less accurate than the two rounded steps.
+    if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: smaller tiles, fewer registers
+        return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32, BLOCK_D=block_d, DOT_F32=True,
+                    launch=dict(num_warps=8 if wide else 4, num_stages=2, enable_fp_fusion=True))
+    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, DOT_F32=False,
+                launch=dict(num_warps=8 if wide else 4, num_stages=3, enable_fp_fusion=True))
+
+
+def _num_splits(programs: int, tiles: int, device: torch.device, splits: Optional[int]) -> int:
+    """Splits of the streamed dimension: enough programs for ~2 waves on the GPU, never an empty split."""
+    if splits is None:
+        if device.type == "cpu":
+            splits = 3  # the interpreter: several splits so the combine is always exercised
+        else:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            splits = math.ceil(2 * sms / max(programs, 1))
+    return max(1, min(splits, tiles, _MAX_SPLITS))
+
+
+def _split_length(n: int, block: int, splits: int) -> Tuple[int, int]:
+    """(elements per split, a multiple of block; number of non-empty splits)."""
+    tiles = triton.cdiv(n, block)
+    per = triton.cdiv(tiles, splits) * block
+    return per, triton.cdiv(n, per)
+
+
+def lse(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
+        splits: Optional[int] = None) -> torch.Tensor:
+    """Row logsumexp of `scale * q @ cols.T` (float32 [M]), skipping `exclude[r]`; see the module docstring."""
+    M, N = q.shape[0], cols.shape[0]
+    out = torch.full((M,), float("-inf"), dtype=torch.float32, device=q.device)
+    if M == 0 or N == 0:
+        return out
+    cfg = _config(q.dtype, q.shape[1], q.device.type)
+    row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+    n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
+    per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
+    part_max = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
+    part_sum = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
+    _lse_partials_kernel[(row_blocks, n_splits)](
+        q, cols, exclude if exclude is not None else q, part_max, part_sum, M, N, q.stride(0), cols.stride(0), per,
+        scale * _LOG2E, D=q.shape[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
+    # Deterministic combine: each split's lse in base 2 (-inf for an empty sum), then a logsumexp over splits.
+    return torch.logsumexp((part_max + torch.log2(part_sum)) * _LN2, dim=0)
+
+
+def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], lse_: Optional[torch.Tensor],
+          gl: Optional[torch.Tensor], pos: Optional[torch.Tensor], gs: Optional[torch.Tensor], scale: float,
+          in_denom: bool, need_dq: bool, need_dcols: bool,
+          splits: Optional[int] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dq, dcols) in float32, each None unless asked for; see `mixfast/ops/infonce_chunked.py` for F."""
+    M, N, D = q.shape[0], cols.shape[0], q.shape[1]
+    dq = torch.zeros((M, D), dtype=torch.float32, device=q.device) if need_dq else None
+    dcols = torch.zeros((N, D), dtype=torch.float32, device=q.device) if need_dcols else None
+    if M == 0 or N == 0 or not (need_dq or need_dcols):
+        return dq, dcols
+    cfg = _config(q.dtype, q.shape[1], q.device.type)
+    flags = dict(P=pos.shape[1] if pos is not None else 1, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_D=cfg["BLOCK_D"], HAS_EXCL=in_denom and exclude is not None, IN_DENOM=in_denom,
+                 HAS_POS=pos is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    args = (exclude if exclude is not None else q,
+            lse_.float().mul(_LOG2E) if in_denom else dummy,
+            gl.float().contiguous() if in_denom else dummy,
+            pos if pos is not None else q,
+            gs.float().contiguous() if pos is not None else dummy)
+    if need_dq:
+        row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+        n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
+        per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
+        part = torch.empty((n_splits, M, D), dtype=torch.float32, device=q.device)
+        _grad_q_kernel[(row_blocks, n_splits)](q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per,
+                                               scale * _LOG2E, scale, **flags)
+        torch.sum(part, dim=0, out=dq)
+    if need_dcols:
+        col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        n_splits = _num_splits(col_blocks, triton.cdiv(M, cfg["BLOCK_M"]), q.device, splits)
+        per, n_splits = _split_length(M, cfg["BLOCK_M"], n_splits)
+        part = torch.empty((n_splits, N, D), dtype=torch.float32, device=q.device)
+        _grad_cols_kernel[(col_blocks, n_splits)](q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per,
+                                                  scale * _LOG2E, scale, **flags)
+        torch.sum(part, dim=0, out=dcols)
+    return dq, dcols
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ahead-of-time compilation for a GPU target (no GPU needed): lets a CPU-only CI check the GPU code path
+# ---------------------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def compile_for_gpu(dtype: torch.dtype, d: int, arch: int = 90, p: int = 2) -> dict:
+    """Compile the three kernels with the launchers' GPU configuration for CUDA sm_`arch`; returns their
+    shared-memory bytes. Raises if Triton cannot compile them. Needs kernels defined outside the interpreter."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_for_gpu needs kernels defined without TRITON_INTERPRET=1")
+    cfg = _config(dtype, d, "cuda")
+    t = _TRITON_DTYPES[dtype]
+    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
+    common = {"Q": f"*{t}", "C": f"*{t}", "EXCL": "*i64"}
+    sizes = {"M": "i32", "N": "i32", "stride_q": "i32", "stride_c": "i32"}
+    flags = dict(D=d, **blocks, HAS_EXCL=True, DOT_F32=cfg["DOT_F32"])
+    grad_flags = dict(flags, P=p, IN_DENOM=True, HAS_POS=True)
+    grad_ptrs = {"LSE2": "*fp32", "GL": "*fp32", "POS": "*i64", "GS": "*fp32"}
+    kernels = {
+        "lse": (_lse_partials_kernel, {**common, "PART_MAX": "*fp32", "PART_SUM": "*fp32", **sizes,
+                                       "cols_per_split": "i32", "scale_log2": "fp32"}, flags),
+        "grad_q": (_grad_q_kernel, {**common, **grad_ptrs, "PART_DQ": "*fp32", **sizes, "cols_per_split": "i32",
+                                    "scale_log2": "fp32", "scale": "fp32"}, grad_flags),
+        "grad_cols": (_grad_cols_kernel, {**common, **grad_ptrs, "PART_DC": "*fp32", **sizes,
+                                          "rows_per_split": "i32", "scale_log2": "fp32", "scale": "fp32"},
+                      grad_flags),
+    }
+    shared = {}
+    for name, (fn, signature, constexprs) in kernels.items():
+        signature = {**signature, **{k: "constexpr" for k in constexprs}}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options=cfg["launch"])
+        shared[name] = compiled.metadata.shared
+    return shared
