@@ -19,9 +19,10 @@ Public functions: :func:`make_masks`, :func:`upsample_masks`, :func:`mix`,
 from __future__ import annotations
 
 import math
-import random
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -31,18 +32,26 @@ __all__ = [
     "rand_bbox",
     "unmix",
     "soft_infonce",
-    "mask_seed",
+    "mask_key",
+    "mask_spec",
+    "MaskSpec",
+    "philox4x32_10",
+    "block_mask_rows",
+    "discrete_mask_rows",
 ]
 
 _MASK_KINDS = ("block", "discrete")
 _MIN_GRID = 2
 _MAX_GRID = 64
+_U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 
 # BEiT block-masking constants (SPEC §1).
 _BLOCK_MIN_PATCHES = 4
-_BLOCK_MIN_ASPECT = 0.3
 _BLOCK_ATTEMPTS = 10
+# Redraws of an all-0 / all-1 mask before a fixed fallback (never reached in practice;
+# bounded so that a GPU thread can never loop forever). Same in csrc/include/mixfast/block_mask.h.
+_MAX_REDRAWS = 1000
 
 _MIX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -64,17 +73,15 @@ def _splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
-def mask_seed(seed: int, step: int, index: int) -> int:
-    """64-bit seed of mask ``index``'s random stream at training step ``step``.
+def mask_key(seed: int, step: int) -> Tuple[int, int]:
+    """Philox key ``(k0, k1)`` (two uint32) of the masks of training step ``step``.
 
-    ``key = sm(sm(sm(seed mod 2^64) XOR (step mod 2^64)) XOR (index mod 2^64))`` where
-    ``sm`` is the SplitMix64 finalizer. Negative integers are taken modulo 2^64 (two's
-    complement). Because the key depends only on ``(seed, step, index)``, mask ``i`` is the
-    same whatever the number of masks requested.
+    ``z = sm(sm(seed mod 2^64) XOR (step mod 2^64))`` with ``sm`` the SplitMix64 finalizer;
+    ``k0`` is the low and ``k1`` the high 32 bits of ``z``. Negative integers are taken
+    modulo 2^64 (two's complement). Computed here once and passed to every backend.
     """
-    z = _splitmix64(seed & _U64)
-    z = _splitmix64(z ^ (step & _U64))
-    return _splitmix64(z ^ (index & _U64))
+    z = _splitmix64(_splitmix64(seed & _U64) ^ (step & _U64))
+    return z & _U32, z >> 32
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -87,108 +94,217 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 # ---------------------------------------------------------------------------------------
-# masks
+# counter-based RNG: Philox4x32-10
 # ---------------------------------------------------------------------------------------
 
-
-def _block_add(mask: list, grid: int, max_cells: int, min_patches: int, rng: random.Random) -> int:
-    """BEiT ``_mask``: try (up to 10 times) to add one rectangle of new ones to ``mask``.
-
-    Each attempt draws ``area ~ U(min_patches, max_cells)`` (Python ``random.uniform``,
-    i.e. ``a + (b-a)*u``, which also works when ``a > b``), ``aspect = exp(U(log 0.3,
-    log(1/0.3)))``, ``h = round(sqrt(area*aspect))``, ``w = round(sqrt(area/aspect))``;
-    it requires ``h < grid`` and ``w < grid`` (strict), draws ``top ~ randint(0, grid-h)``,
-    ``left ~ randint(0, grid-w)`` (inclusive) and accepts the rectangle if the number of
-    cells it would newly set, ``new``, satisfies ``0 < new <= max_cells``. Returns the
-    number of cells added (0 if all attempts failed). Mutates ``mask`` (list of lists).
-    """
-    log_lo, log_hi = math.log(_BLOCK_MIN_ASPECT), math.log(1.0 / _BLOCK_MIN_ASPECT)
-    delta = 0
-    for _ in range(_BLOCK_ATTEMPTS):
-        area = rng.uniform(min_patches, max_cells)
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        h = int(round(math.sqrt(area * aspect)))
-        w = int(round(math.sqrt(area / aspect)))
-        if h < grid and w < grid:
-            top = rng.randint(0, grid - h)
-            left = rng.randint(0, grid - w)
-            already = sum(mask[r][c] for r in range(top, top + h) for c in range(left, left + w))
-            new = h * w - already
-            if 0 < new <= max_cells:
-                for r in range(top, top + h):
-                    for c in range(left, left + w):
-                        mask[r][c] = 1
-                delta = new
-        if delta > 0:
-            break
-    return delta
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 
 
-def _block_mask(grid: int, ratio: float, rng: random.Random) -> torch.Tensor:
-    """One BEiT block mask (SPEC §1) with ``num = clamp(int(ratio*g^2), 1, g^2-1)`` ones.
+def philox4x32_10(c0: int, c1: int, c2: int, c3: int, k0: int, k1: int) -> Tuple[int, int, int, int]:
+    """Philox4x32-10 (Salmon et al. 2011; the Random123 / cuRAND constants) of the counter
+    ``(c0, c1, c2, c3)`` under the key ``(k0, k1)``: four uint32 words. Mirrored in
+    ``csrc/include/mixfast/philox.h`` and ``kernels/mix.py``."""
+    for _ in range(10):
+        p0 = _PHILOX_M0 * c0
+        p1 = _PHILOX_M1 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _U32, (p0 >> 32) ^ c3 ^ k1, p0 & _U32
+        k0 = (k0 + _PHILOX_W0) & _U32
+        k1 = (k1 + _PHILOX_W1) & _U32
+    return c0, c1, c2, c3
 
-    ``while count < num: delta = add_block(num - count); if delta == 0: break; count += delta``.
-    The count never overshoots ``num``; it may undershoot when no block fits any more.
 
-    Choices made here (SPEC leaves small grids open):
+# ---------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------
+#
+# A mask is a pure function of (key, sample): every random number is a Philox word with
+# counter (draw, sample, kind, 0), kind 0 = block, 1 = discrete. The float math that turns
+# words into block sizes is float32, one correctly rounded operation at a time, in the
+# order written below -- the CPU, CUDA and Triton backends do exactly the same operations,
+# so every backend draws bit-identical masks. (exp is a fixed polynomial rather than a
+# library call, because expf differs by an ulp between libm, CUDA and numpy.)
 
-    * ``min_patches = min(4, num, (g-1)**2)``. BEiT uses 4, but every block must satisfy
+_F32 = np.float32
+_TWO_M24 = _F32(2.0**-24)
+_LOG_ASPECT_LO = _F32(float.fromhex("-0x1.34379p+0"))   # float32(log 0.3)
+_LOG_ASPECT_SPAN = _F32(float.fromhex("0x1.34379p+1"))  # float32(log(1/0.3) - log 0.3)
+# float32(1/k!) for k = 11, 10, ..., 0 (Horner order), as exact hex floats.
+_EXP_COEFFS = tuple(_F32(float.fromhex(h)) for h in (
+    "0x1.ae6456p-26", "0x1.27e4fcp-22", "0x1.71de3ap-19", "0x1.a01a02p-16", "0x1.a01a02p-13", "0x1.6c16c2p-10",
+    "0x1.111112p-7", "0x1.555556p-5", "0x1.555556p-3", "0x1.0p-1", "0x1.0p+0", "0x1.0p+0"))
+
+
+def _uniform01(word: int) -> np.float32:
+    """Float32 in [0, 1): the top 24 bits of ``word`` times 2^-24 (exact)."""
+    return _F32(word >> 8) * _TWO_M24
+
+
+def _uniform_below(word: int, n: int) -> int:
+    """Integer in [0, n) by multiply-shift: ``(word * n) >> 32``."""
+    return (word * n) >> 32
+
+
+def _exp_poly(t: np.float32) -> np.float32:
+    """exp(t) for |t| <= 1.21: degree-11 Taylor polynomial by Horner in float32."""
+    p = _EXP_COEFFS[0]
+    for c in _EXP_COEFFS[1:]:
+        p = p * t + c  # two float32 roundings (numpy never fuses)
+    return p
+
+
+def _round_half_even(v: np.float32) -> int:
+    """Python's ``round`` (half to even) of a non-negative float32, with exact steps."""
+    f = np.floor(v)
+    d = v - f
+    r = int(f)
+    if d > 0.5 or (d == 0.5 and r & 1):
+        r += 1
+    return r
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Integers that define a mask draw, computed once here and handed to every backend
+    (the native struct ``mixfast::MaskSpec``)."""
+
+    grid: int
+    kind: int          # 0 block, 1 discrete
+    num: int           # block: target number of ones, clamp(int(ratio*g^2), 1, g^2-1)
+    min_patches: int   # block: min(4, num, (g-1)^2)
+    threshold24: int   # discrete: a cell is 1 iff (word >> 8) < threshold24 = ceil(ratio * 2^24)
+    key0: int
+    key1: int
+
+
+def mask_spec(grid: int, ratio: float, kind: str, seed: int, step: int) -> MaskSpec:
+    """The :class:`MaskSpec` of ``make_masks(..., grid, ratio, kind, seed=seed, step=step)``.
+
+    * ``num = clamp(int(ratio*g^2), 1, g^2-1)`` ones for a block mask.
+    * ``min_patches = min(4, num, (g-1)^2)``. BEiT uses 4, but every block must satisfy
       ``h < g`` and ``w < g``, so the largest placeable block has ``(g-1)^2`` cells; at
       ``g = 2`` that is a single cell and no block of area >= 4 could ever be placed.
-      Clamping to ``num`` keeps the first draw's range ``U(min_patches, num)`` non-degenerate
-      for tiny targets. For ``g >= 3`` and ``num >= 4`` this is exactly BEiT's 4.
-    * If the finished mask is all-0 (every attempt of the first block failed) or all-1, it
-      is discarded and redrawn from the **same** stream (the stream just continues), so
-      the result stays a deterministic function of the stream's seed.
+      Clamping to ``num`` keeps the first draw's range ``U(min_patches, num)``
+      non-degenerate for tiny targets. For ``g >= 3`` and ``num >= 4`` this is BEiT's 4.
+    * ``threshold24 = ceil(ratio * 2^24)``: ``u < ratio`` for ``u = (word >> 8) / 2^24``.
     """
     cells = grid * grid
     num = min(max(int(ratio * cells), 1), cells - 1)
-    min_patches = min(_BLOCK_MIN_PATCHES, num, (grid - 1) ** 2)
-    while True:
-        mask = [[0] * grid for _ in range(grid)]
+    k0, k1 = mask_key(seed, step)
+    return MaskSpec(
+        grid=grid,
+        kind=_MASK_KINDS.index(kind),
+        num=num,
+        min_patches=min(_BLOCK_MIN_PATCHES, num, (grid - 1) ** 2),
+        threshold24=min(max(math.ceil(ratio * 2**24), 1), 2**24),
+        key0=k0,
+        key1=k1,
+    )
+
+
+def _block_candidate(spec: MaskSpec, sample: int, draw: int, rem: int) -> Tuple[int, int, int, int, bool]:
+    """Attempt ``draw`` of the BEiT generator when ``rem`` cells are still wanted:
+    ``(h, w, top, left, fits)``.
+
+    With Philox words ``(w0, w1, w2, w3)`` of counter ``(draw, sample, 0, 0)``::
+
+        area   = min_patches + (rem - min_patches) * u(w0)            random.uniform(a, b)
+        aspect = exp(log 0.3 + (log(1/0.3) - log 0.3) * u(w1))
+        h = round(sqrt(area * aspect)),  w = round(sqrt(area / aspect))
+        fits = h < g and w < g                                        (strict, as BEiT)
+        top  = randint(0, g - h) from w2,  left = randint(0, g - w) from w3
+    """
+    w0, w1, w2, w3 = philox4x32_10(draw, sample, 0, 0, spec.key0, spec.key1)
+    area = _F32(spec.min_patches) + _F32(rem - spec.min_patches) * _uniform01(w0)
+    aspect = _exp_poly(_LOG_ASPECT_LO + _LOG_ASPECT_SPAN * _uniform01(w1))
+    h = _round_half_even(np.sqrt(area * aspect))
+    w = _round_half_even(np.sqrt(area / aspect))
+    g = spec.grid
+    fits = h < g and w < g
+    top = _uniform_below(w2, g - h + 1) if fits else 0
+    left = _uniform_below(w3, g - w + 1) if fits else 0
+    return h, w, top, left, fits
+
+
+def block_mask_rows(spec: MaskSpec, sample: int) -> List[int]:
+    """BEiT block mask (SPEC §1) of ``sample``: ``g`` row bitmasks (bit ``c`` of row ``r`` =
+    cell ``(r, c)``) with at most ``num`` ones.
+
+    ``while count < num``: add one block -- up to 10 attempts (each one Philox draw, the
+    draw index running on across the whole mask) of :func:`_block_candidate`, accepted when
+    it fits and the number of cells it newly sets, ``fresh``, satisfies
+    ``0 < fresh <= num - count``; stop when an addition adds nothing. The count never
+    overshoots ``num``; it may undershoot when no block fits any more. An all-0 mask (the
+    first block never placed) is redrawn with the draws continuing; after 1000 such
+    redraws (never seen) the mask is a single 1 in cell (0, 0).
+    """
+    g = spec.grid
+    draw = 0
+    for _ in range(_MAX_REDRAWS):
+        rows = [0] * g
         count = 0
-        while count < num:
-            delta = _block_add(mask, grid, num - count, min_patches, rng)
-            if delta == 0:
+        while count < spec.num:
+            rem = spec.num - count
+            added = 0
+            for _attempt in range(_BLOCK_ATTEMPTS):
+                h, w, top, left, fits = _block_candidate(spec, sample, draw, rem)
+                draw += 1
+                if not fits:
+                    continue
+                bits = ((1 << w) - 1) << left
+                fresh = h * w - sum((rows[r] & bits).bit_count() for r in range(top, top + h))
+                if 0 < fresh <= rem:
+                    for r in range(top, top + h):
+                        rows[r] |= bits
+                    added = fresh
+                    break
+            if added == 0:
                 break
-            count += delta
+            count += added
+        if count > 0:
+            return rows
+    return [1] + [0] * (g - 1)
+
+
+def discrete_mask_rows(spec: MaskSpec, sample: int) -> List[int]:
+    """i.i.d. mask of ``sample``: cell ``k = r*g + c`` (row-major) is 1 iff
+    ``(word >> 8) < threshold24``, i.e. ``u < ratio``, with ``word`` = word ``k % 4`` of the
+    Philox draw ``(round * ceil(g^2/4) + k // 4, sample, 1, 0)``. Redrawn (``round + 1``)
+    while all-0 or all-1; after 1000 constant draws (only for ratios within ~1e-3 of 0 or 1
+    on tiny grids) the mask is one 1 in cell (0, 0) for ratio < 1/2, else all ones but it.
+
+    Note: the public MixMask code draws ``P(1) = 1 - ratio``; mixfast uses ``P(1) = ratio``
+    so that ``ratio`` is always the expected fraction kept from the original image. Both
+    agree at the default 0.5.
+    """
+    g = spec.grid
+    cells = g * g
+    draws = (cells + 3) // 4
+    for rnd in range(_MAX_REDRAWS):
+        rows = [0] * g
+        count = 0
+        for q in range(draws):
+            words = philox4x32_10(rnd * draws + q, sample, 1, 0, spec.key0, spec.key1)
+            for j, word in enumerate(words):
+                cell = 4 * q + j
+                if cell < cells and (word >> 8) < spec.threshold24:
+                    rows[cell // g] |= 1 << (cell % g)
+                    count += 1
         if 0 < count < cells:
-            return torch.tensor(mask, dtype=torch.bool)
+            return rows
+    if spec.threshold24 < 2**23:
+        return [1] + [0] * (g - 1)
+    full = (1 << g) - 1
+    return [full & ~1] + [full] * (g - 1)
 
 
-def _discrete_mask(grid: int, ratio: float, rng: random.Random) -> torch.Tensor:
-    """One i.i.d. mask: cell ``(r, c)`` is 1 iff ``rng.random() < ratio`` (row-major draws).
-
-    Redrawn (same stream, continuing) while all-0 or all-1. Note: the public MixMask code
-    draws ``P(1) = 1 - ratio``; mixfast uses ``P(1) = ratio`` so that ``ratio`` is always
-    the expected fraction kept from the original image. Both agree at the default 0.5.
-    """
-    cells = grid * grid
-    while True:
-        flat = [rng.random() < ratio for _ in range(cells)]
-        ones = sum(flat)
-        if 0 < ones < cells:
-            return torch.tensor(flat, dtype=torch.bool).view(grid, grid)
+def _rows_to_tensor(rows: List[int], grid: int) -> torch.Tensor:
+    bits = np.array(rows, dtype=np.uint64)[:, None] >> np.arange(grid, dtype=np.uint64)[None, :]
+    return torch.from_numpy((bits & np.uint64(1)).astype(np.bool_))
 
 
-def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: int, step: int) -> torch.Tensor:
-    """Draw ``n`` MixMask grid masks, a deterministic pure function of its arguments.
-
-    Returns a CPU ``torch.bool`` tensor ``[n, grid, grid]``; 1 = cell kept from the original
-    image ``x_i``, 0 = cell taken from the filler.
-
-    Randomness: mask ``i`` comes from its own ``random.Random`` stream (Mersenne Twister)
-    seeded with :func:`mask_seed` ``(seed, step, i)``; mask ``i`` therefore does not depend
-    on ``n``, and the global RNGs (Python, NumPy, torch) are never touched.
-
-    ``kind="block"``: the BEiT block-masking generator (see :func:`_block_mask`),
-    ``int(ratio*grid^2)`` ones (clamped to ``[1, grid^2-1]``), never more, occasionally fewer.
-    ``kind="discrete"``: each cell 1 independently with probability ``ratio``.
-    No mask is ever all-0 or all-1 (such draws are redrawn from the same stream).
-
-    Raises ``ValueError`` unless ``n >= 1``, ``2 <= grid <= 64``, ``0 < ratio < 1`` and
-    ``kind in {"block", "discrete"}``; ``TypeError`` if ``seed``/``step`` are not ints.
-    """
+def check_make_masks_args(n, grid, ratio, kind, seed, step) -> None:
+    """Argument checks of :func:`make_masks`, shared by every backend."""
     if not _is_int(n) or n < 1:
         raise ValueError(f"make_masks: n must be an int >= 1, got n={n!r}")
     if not _is_int(grid) or not (_MIN_GRID <= grid <= _MAX_GRID):
@@ -201,10 +317,31 @@ def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: in
         raise TypeError(f"make_masks: seed must be an int, got seed={seed!r}")
     if not _is_int(step):
         raise TypeError(f"make_masks: step must be an int, got step={step!r}")
-    ratio = float(ratio)
-    draw = _block_mask if kind == "block" else _discrete_mask
-    masks = [draw(grid, ratio, random.Random(mask_seed(seed, step, i))) for i in range(n)]
-    return torch.stack(masks, 0)
+
+
+def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: int, step: int) -> torch.Tensor:
+    """Draw ``n`` MixMask grid masks, a deterministic pure function of its arguments.
+
+    Returns a CPU ``torch.bool`` tensor ``[n, grid, grid]``; 1 = cell kept from the original
+    image ``x_i``, 0 = cell taken from the filler.
+
+    Randomness: Philox4x32-10 keyed by :func:`mask_key` ``(seed, step)``, counters from
+    ``(draw index, sample i)`` (see :func:`block_mask_rows`, :func:`discrete_mask_rows`).
+    Mask ``i`` therefore does not depend on ``n``, the global RNGs (Python, NumPy, torch)
+    are never touched, and every backend (CPU C++, CUDA, Triton) draws the same bits.
+
+    ``kind="block"``: the BEiT block-masking generator, ``int(ratio*grid^2)`` ones (clamped
+    to ``[1, grid^2-1]``), never more, occasionally fewer.
+    ``kind="discrete"``: each cell 1 independently with probability ``ratio``.
+    No mask is ever all-0 or all-1 (such draws are redrawn).
+
+    Raises ``ValueError`` unless ``n >= 1``, ``2 <= grid <= 64``, ``0 < ratio < 1`` and
+    ``kind in {"block", "discrete"}``; ``TypeError`` if ``seed``/``step`` are not ints.
+    """
+    check_make_masks_args(n, grid, ratio, kind, seed, step)
+    spec = mask_spec(grid, float(ratio), kind, seed, step)
+    draw = block_mask_rows if kind == "block" else discrete_mask_rows
+    return torch.stack([_rows_to_tensor(draw(spec, i), grid) for i in range(n)], 0)
 
 
 def _nearest_indices(in_size: int, out_size: int, device) -> torch.Tensor:
@@ -418,6 +555,58 @@ def unmix(
 # ---------------------------------------------------------------------------------------
 
 
+def _desc(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(type(t))
+
+
+def check_soft_infonce_args(q, keys, queue, pos, tau, exclude, check_values: bool = True) -> float:
+    """Raise ValueError on bad shapes, dtypes, devices, index ranges or tau; return tau as float.
+
+    Shared by the reference and the fused op. `check_values=False` skips the checks that
+    read tensor values (index ranges), which torch.compile cannot trace without a graph
+    break; the fused op passes it while compiling.
+    """
+
+    for name, t in (("q", q), ("keys", keys)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"soft_infonce: {name} must be a 2-D floating tensor, got {_desc(t)}")
+    M, D = q.shape
+    N = keys.shape[0]
+    if keys.shape[1] != D:
+        raise ValueError(f"soft_infonce: keys must be [N, D={D}], got {tuple(keys.shape)}")
+    if keys.device != q.device:
+        raise ValueError(f"soft_infonce: keys must be on q's device {q.device}, got {keys.device}")
+    if queue is not None:
+        if not isinstance(queue, torch.Tensor) or queue.dim() != 2 or not queue.is_floating_point():
+            raise ValueError(f"soft_infonce: queue must be a 2-D floating tensor or None, got {_desc(queue)}")
+        if queue.shape[1] != D:
+            raise ValueError(f"soft_infonce: queue must be [K, D={D}], got {tuple(queue.shape)}")
+        if queue.device != q.device:
+            raise ValueError(f"soft_infonce: queue must be on q's device {q.device}, got {queue.device}")
+        if exclude is not None:
+            raise ValueError("soft_infonce: exclude is only supported in in-batch mode (queue=None)")
+    if not isinstance(pos, torch.Tensor) or pos.dtype != torch.long or pos.dim() != 2 or pos.shape[0] != M:
+        raise ValueError(f"soft_infonce: pos must be an int64 tensor [M={M}, P], got {_desc(pos)}")
+    if pos.device != q.device:
+        raise ValueError(f"soft_infonce: pos must be on q's device {q.device}, got {pos.device}")
+    if check_values and pos.numel() > 0 and (int(pos.min()) < 0 or int(pos.max()) >= N):
+        raise ValueError(f"soft_infonce: pos entries must lie in [0, N={N}), got range [{int(pos.min())}, {int(pos.max())}]")
+    if exclude is not None:
+        if not isinstance(exclude, torch.Tensor) or exclude.dtype != torch.long or exclude.shape != (M,):
+            raise ValueError(f"soft_infonce: exclude must be an int64 tensor [M={M}], got {_desc(exclude)}")
+        if exclude.device != q.device:
+            raise ValueError(f"soft_infonce: exclude must be on q's device {q.device}, got {exclude.device}")
+        if check_values and M > 0 and (int(exclude.min()) < -1 or int(exclude.max()) >= N):
+            raise ValueError(
+                f"soft_infonce: exclude entries must lie in [-1, N={N}), got range [{int(exclude.min())}, {int(exclude.max())}]"
+            )
+        if check_values and bool((pos == exclude[:, None]).any()):
+            raise ValueError("soft_infonce: a positive index equals the excluded index of its row")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (float(tau) > 0.0) or not math.isfinite(tau):
+        raise ValueError(f"soft_infonce: tau must be a finite number > 0, got tau={tau!r}")
+    return float(tau)
+
+
 def soft_infonce(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -452,47 +641,7 @@ def soft_infonce(
 
     Raises ``ValueError`` on bad shapes, dtypes, devices, index ranges or ``tau <= 0``.
     """
-    def _desc(t):
-        return f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(type(t))
-
-    for name, t in (("q", q), ("keys", keys)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"soft_infonce: {name} must be a 2-D floating tensor, got {_desc(t)}")
-    M, D = q.shape
-    N = keys.shape[0]
-    if keys.shape[1] != D:
-        raise ValueError(f"soft_infonce: keys must be [N, D={D}], got {tuple(keys.shape)}")
-    if keys.device != q.device:
-        raise ValueError(f"soft_infonce: keys must be on q's device {q.device}, got {keys.device}")
-    if queue is not None:
-        if not isinstance(queue, torch.Tensor) or queue.dim() != 2 or not queue.is_floating_point():
-            raise ValueError(f"soft_infonce: queue must be a 2-D floating tensor or None, got {_desc(queue)}")
-        if queue.shape[1] != D:
-            raise ValueError(f"soft_infonce: queue must be [K, D={D}], got {tuple(queue.shape)}")
-        if queue.device != q.device:
-            raise ValueError(f"soft_infonce: queue must be on q's device {q.device}, got {queue.device}")
-        if exclude is not None:
-            raise ValueError("soft_infonce: exclude is only supported in in-batch mode (queue=None)")
-    if not isinstance(pos, torch.Tensor) or pos.dtype != torch.long or pos.dim() != 2 or pos.shape[0] != M:
-        raise ValueError(f"soft_infonce: pos must be an int64 tensor [M={M}, P], got {_desc(pos)}")
-    if pos.device != q.device:
-        raise ValueError(f"soft_infonce: pos must be on q's device {q.device}, got {pos.device}")
-    if pos.numel() > 0 and (int(pos.min()) < 0 or int(pos.max()) >= N):
-        raise ValueError(f"soft_infonce: pos entries must lie in [0, N={N}), got range [{int(pos.min())}, {int(pos.max())}]")
-    if exclude is not None:
-        if not isinstance(exclude, torch.Tensor) or exclude.dtype != torch.long or exclude.shape != (M,):
-            raise ValueError(f"soft_infonce: exclude must be an int64 tensor [M={M}], got {_desc(exclude)}")
-        if exclude.device != q.device:
-            raise ValueError(f"soft_infonce: exclude must be on q's device {q.device}, got {exclude.device}")
-        if M > 0 and (int(exclude.min()) < -1 or int(exclude.max()) >= N):
-            raise ValueError(
-                f"soft_infonce: exclude entries must lie in [-1, N={N}), got range [{int(exclude.min())}, {int(exclude.max())}]"
-            )
-        if bool((pos == exclude[:, None]).any()):
-            raise ValueError("soft_infonce: a positive index equals the excluded index of its row")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (float(tau) > 0.0) or not math.isfinite(tau):
-        raise ValueError(f"soft_infonce: tau must be a finite number > 0, got tau={tau!r}")
-    tau = float(tau)
+    tau = check_soft_infonce_args(q, keys, queue, pos, tau, exclude)
 
     tensors = (q, keys) if queue is None else (q, keys, queue)
     acc = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
