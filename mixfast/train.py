@@ -216,7 +216,10 @@ def main(argv=None) -> dict:
 
         with open(os.path.join(cfg.train.output_dir, "config.json"), "w") as f:
             json.dump(dump_config(cfg), f, indent=2)
-    trainer = Trainer(cfg, device)
+    try:
+        trainer = Trainer(cfg, device)
+    except ConfigError as err:  # a value that only turns out wrong against the data (batch > data set)
+        raise SystemExit(f"mixfast: config error in {args.config}:\n{err}") from None
     try:
         trainer.fit()
     except NonFiniteLoss as err:

@@ -168,3 +168,9 @@ def test_config_errors_name_the_key_and_the_path(tmp_path):
     missing = tmp_path / "no-such-dir"
     proc = run_module("demo.json", tmp_path / "y", ["data.name=imagefolder", f"data.root={missing}"], check=False)
     assert proc.returncode != 0 and str(missing) in proc.stderr
+
+
+def test_batch_larger_than_the_data_set_is_a_config_error(tmp_path):
+    proc = run_module("demo.json", tmp_path / "z", [*TINY, "train.batch_size=4096"], check=False)
+    assert proc.returncode != 0
+    assert "train.batch_size=4096" in proc.stderr and "Traceback" not in proc.stderr
