@@ -138,6 +138,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_one_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Microseconds of one call: CUDA events around it on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) * 1e3
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
+
+
 def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 3, reps: int = 25,
             min_time_s: float = 0.0, max_time_s: float = 20.0) -> Timing:
     """Time ``fn()`` once per repetition and return median / p20 / p80 in microseconds.
@@ -153,17 +167,7 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     times: list[float] = []
     start = time.perf_counter()
     while True:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
+        times.append(_time_one_call(fn, device))
         spent = time.perf_counter() - start
         if (len(times) >= reps and spent >= min_time_s) or spent >= max_time_s:
             break
@@ -211,17 +215,7 @@ def time_round_robin(fns: dict, *, device: torch.device | str = "cpu", warmup: i
             fn = fns[name]
             if flush:
                 flush_caches(device)
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                samples[name].append(a.elapsed_time(b) * 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1e6)
+            samples[name].append(_time_one_call(fn, device))
         if rnd >= 2 and time.perf_counter() - start > max_time_s:
             break
     out = {}
