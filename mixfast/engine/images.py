@@ -35,9 +35,7 @@ def save_mix_grid(images: dict, path: str, recipe: str) -> str:
         rows.append(_denormalize(images["mixmask"][:_ROWS], recipe))
         # Switch image of row i: m ⊙ x_perm[i] + (1-m) ⊙ x_i, computed here only for display
         # (training derives switch features from the mixed batch, never re-encoding images).
-        full = images["view1"]
-        m = ops.upsample_masks(images["mask"].cpu(), h, w).to(full.device)[:, None]
-        switch = torch.where(m, full[images["mixmask_perm"]], full)
+        _, switch, _ = ops.mix(images["view1"], images["mask"], images["mixmask_perm"], want_switch=True)
         rows.append(_denormalize(switch[:_ROWS], recipe))
     if "unmix" in images:
         rows.append(_denormalize(images["unmix"][:_ROWS], recipe))
