@@ -181,3 +181,18 @@ def test_sequential_backward_gives_the_fused_loss_and_gradients():
     torch.testing.assert_close(seq_loss, fused_loss, rtol=1e-6, atol=1e-6)
     for g_seq, g_fused in zip(seq_grads, fused_grads):
         torch.testing.assert_close(g_seq, g_fused, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("step", [0, 6, 7])  # step 0 draws mixup, 6 and 7 CutMix (seed 3)
+def test_one_pass_mixmask_and_unmix_equals_the_two_mixers(step):
+    from mixfast.mixing import MixMaskMixer, UnMixer
+
+    cfg = _cfg(mixmask=True, unmix=True)
+    mixmask, unmix = MixMaskMixer(cfg.mixing.mixmask, 3, 0), UnMixer(cfg.mixing.unmix, 3, 0)
+    x = torch.randn(B + 1, 3, SIZE, SIZE)  # odd batch: the middle image pairs with itself under flip
+    assert unmix.plan(SIZE, SIZE, step)[1] == (step == 0)  # keep the mixup/CutMix coverage honest
+    mm, um = mixmask.with_unmix(x, step, unmix)
+    mm_ref, um_ref = mixmask(x, step, random_partner=True), unmix(x, step)
+    assert torch.equal(mm.mixed, mm_ref.mixed) and torch.equal(mm.perm, mm_ref.perm)
+    assert torch.equal(mm.masks.cpu(), mm_ref.masks.cpu()) and torch.equal(mm.pixel_lam, mm_ref.pixel_lam)
+    assert torch.equal(um.mixed, um_ref.mixed) and um.lam == um_ref.lam and um.use_mixup == um_ref.use_mixup

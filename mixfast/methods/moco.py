@@ -147,16 +147,21 @@ class MoCo(nn.Module):
         else:
             sets = [QuerySet(x1, rows[:, None], ones[:, None], "orig")]
         stats, images = {}, {"view1": x1, "view2": x2}
-        if self.unmix is not None:
+        um = mm = None
+        if self.unmix is not None and self.mixmask is not None:
+            # Both mixtures from one pass over x1; MixMask takes a fresh random partner.
+            mm, um = self.mixmask.with_unmix(x1, step, self.unmix)
+        elif self.unmix is not None:
             um = self.unmix(x1, step)
+        elif self.mixmask is not None:
+            mm = self.mixmask(x1, step, random_partner=False)
+        if um is not None:
             lam = torch.full((b,), um.lam, device=dev)
             pos, w = against_all_keysets([(rows, lam), (um.perm, 1 - lam)])
             sets.append(QuerySet(um.mixed, pos, w, "unmix"))
             stats.update(lam_unmix=um.lam, unmix_is_mixup=float(um.use_mixup))
             images["unmix"] = um.mixed
-        if self.mixmask is not None:
-            # With Un-Mix present MixMask takes a fresh random partner (paper Table 2).
-            mm = self.mixmask(x1, step, random_partner=self.unmix is not None)
+        if mm is not None:  # with Un-Mix present its partner is random (paper Table 2), else flip
             pos, w = against_all_keysets([(rows, mm.weight_own), (mm.perm, mm.weight_filler)])
             sets.append(QuerySet(mm.mixed, pos, w, "mixmask"))
             stats["lam_mixmask"] = float(mm.pixel_lam.float().mean())

@@ -14,6 +14,7 @@ import torch
 from mixfast import ops
 from mixfast.config import MixMaskConfig
 from mixfast.mixing.rng import STREAM_MIXMASK, STREAM_NOISE, flip_permutation, step_generator, step_numpy_rng
+from mixfast.mixing.unmix import UnMixedBatch, UnMixer
 
 
 @dataclass
@@ -36,24 +37,50 @@ class MixMaskMixer:
         lo, hi = self.cfg.ratio
         return float(step_numpy_rng(self.seed, self.rank, STREAM_MIXMASK, step).uniform(lo, hi))
 
+    def _mask_args(self, step: int) -> dict:
+        return dict(grid=self.cfg.grid, ratio=self._ratio(step), kind=self.cfg.kind,
+                    seed=self.seed * 65537 + self.rank, step=step)
+
+    def _perm(self, b: int, device, step: int, random_partner: bool) -> torch.Tensor:
+        if random_partner:
+            return torch.randperm(b, generator=step_generator(self.seed, self.rank, STREAM_MIXMASK, step)).to(device)
+        return flip_permutation(b, device)
+
+    def _batch(self, mixed, masks, perm, lam) -> MaskedBatch:
+        """Image filling: row i is scored against its own key (λ) and its filler's (1-λ)."""
+        own = lam.expand(mixed.size(0))
+        filler = (1 - lam).expand(mixed.size(0)) if self.cfg.switch else torch.zeros_like(own)
+        return MaskedBatch(mixed, masks, perm, lam, own, filler)
+
+    def with_unmix(self, x: torch.Tensor, step: int, unmixer: UnMixer) -> tuple[MaskedBatch, UnMixedBatch]:
+        """Both branches of one step (SPEC §1: MixMask takes a fresh permutation, Un-Mix keeps
+        flip). With image filling both mixtures come from one pass over `x`
+        (`ops.mix_and_unmix`), bit-identical to the two separate ops."""
+        if self.cfg.fill != "image":
+            return self(x, step, random_partner=True), unmixer(x, step)
+        b = x.size(0)
+        args = self._mask_args(step)
+        masks = ops.make_masks(b if self.cfg.per_sample else 1, args["grid"], args["ratio"], args["kind"],
+                               seed=args["seed"], step=step)
+        perm = self._perm(b, x.device, step, random_partner=True)
+        lam_u, use_mixup, box = unmixer.plan(x.size(2), x.size(3), step)
+        mixed, _, lam, x_um, lam_u_eff = ops.mix_and_unmix(x, masks, perm, lam_u, use_mixup, box)
+        return (self._batch(mixed, masks, perm, lam),
+                UnMixedBatch(x_um, float(lam_u_eff), use_mixup, flip_permutation(b, x.device)))
+
     def __call__(self, x: torch.Tensor, step: int, random_partner: bool) -> MaskedBatch:
         """Mix view `x` (normalized, [B,C,H,W]). `random_partner`: a fresh permutation
         (used together with Un-Mix, which keeps flip); otherwise flip."""
         b = x.size(0)
-        mask_args = dict(grid=self.cfg.grid, ratio=self._ratio(step), kind=self.cfg.kind,
-                         seed=self.seed * 65537 + self.rank, step=step)
-        if random_partner:
-            perm = torch.randperm(b, generator=step_generator(self.seed, self.rank, STREAM_MIXMASK, step)).to(x.device)
-        else:
-            perm = flip_permutation(b, x.device)
+        mask_args = self._mask_args(step)
+        perm = self._perm(b, x.device, step, random_partner)
         if self.cfg.fill == "image":
             # One op draws the masks and mixes (a single kernel launch on a GPU); the masks are
             # the bits ops.make_masks would draw. perm=None means flip and lets the kernels
             # read each pair of images once.
             mixed, _, lam, masks = ops.make_masks_and_mix(x, perm if random_partner else None,
                                                           per_sample=self.cfg.per_sample, **mask_args)
-            own = lam.expand(b)
-            filler = (1 - lam).expand(b) if self.cfg.switch else torch.zeros_like(own)
+            return self._batch(mixed, masks, perm, lam)
         else:
             masks = ops.make_masks(b if self.cfg.per_sample else 1, mask_args["grid"], mask_args["ratio"],
                                    mask_args["kind"], seed=mask_args["seed"], step=step)

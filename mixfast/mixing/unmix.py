@@ -24,13 +24,17 @@ class UnMixer:
     def __init__(self, cfg: UnMixConfig, seed: int, rank: int):
         self.cfg, self.seed, self.rank = cfg, seed, rank
 
-    def __call__(self, x: torch.Tensor, step: int) -> UnMixedBatch:
+    def plan(self, height: int, width: int, step: int) -> tuple[float, bool, tuple | None]:
+        """This step's (λ, mixup or CutMix, CutMix box or None)."""
         rng = step_numpy_rng(self.seed, self.rank, STREAM_UNMIX, step)
         lam = float(rng.beta(self.cfg.alpha, self.cfg.alpha))
         use_mixup = bool(rng.random() < self.cfg.prob_mixup)
         box = None
         if not use_mixup:
-            box = ops.rand_bbox(x.size(2), x.size(3), lam,
-                                generator=step_generator(self.seed, self.rank, STREAM_UNMIX, step))
+            box = ops.rand_bbox(height, width, lam, generator=step_generator(self.seed, self.rank, STREAM_UNMIX, step))
+        return lam, use_mixup, box
+
+    def __call__(self, x: torch.Tensor, step: int) -> UnMixedBatch:
+        lam, use_mixup, box = self.plan(x.size(2), x.size(3), step)
         mixed, lam_eff = ops.unmix(x, lam, use_mixup, box=box)
         return UnMixedBatch(mixed, float(lam_eff), use_mixup, flip_permutation(x.size(0), x.device))
