@@ -139,6 +139,23 @@ def _lse_partials_kernel(Q, C, EXCL, PART_MAX, PART_SUM, M, N, stride_q, stride_
 
 
 @triton.jit
+def _row_terms(EXCL, LSE2, GL, rows, row_ok, BLOCK_M: tl.constexpr, HAS_EXCL: tl.constexpr,
+               IN_DENOM: tl.constexpr):
+    """Per-row inputs of both backward kernels: the excluded column (a placeholder when there
+    is no exclusion) and, for rows whose columns are in the denominator, the saved lse2 and
+    the upstream gradient of that logsumexp (zeros otherwise)."""
+    excl = rows
+    lse2 = tl.zeros([BLOCK_M], tl.float32)
+    gl = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_EXCL:
+        excl = tl.load(EXCL + rows, mask=row_ok, other=-1)
+    if IN_DENOM:
+        lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
+        gl = tl.load(GL + rows, mask=row_ok, other=0.0)
+    return excl, lse2, gl
+
+
+@triton.jit
 def _grad_q_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DQ, M, N, stride_q, stride_c, cols_per_split,
                    scale_log2, scale, P: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_EXCL: tl.constexpr, IN_DENOM: tl.constexpr,
@@ -148,14 +165,7 @@ def _grad_q_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DQ, M, N, stride_q, strid
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
     q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32)
-    excl = rows
-    lse2 = tl.zeros([BLOCK_M], tl.float32)
-    gl = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_EXCL:
-        excl = tl.load(EXCL + rows, mask=row_ok, other=-1)
-    if IN_DENOM:
-        lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
-        gl = tl.load(GL + rows, mask=row_ok, other=0.0)
+    excl, lse2, gl = _row_terms(EXCL, LSE2, GL, rows, row_ok, BLOCK_M, HAS_EXCL, IN_DENOM)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     start = split * cols_per_split
     end = tl.minimum(start + cols_per_split, N)
@@ -187,14 +197,7 @@ def _grad_cols_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DC, M, N, stride_q, st
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
         q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32)
-        excl = rows
-        lse2 = tl.zeros([BLOCK_M], tl.float32)
-        gl = tl.zeros([BLOCK_M], tl.float32)
-        if HAS_EXCL:
-            excl = tl.load(EXCL + rows, mask=row_ok, other=-1)
-        if IN_DENOM:
-            lse2 = tl.load(LSE2 + rows, mask=row_ok, other=0.0)
-            gl = tl.load(GL + rows, mask=row_ok, other=0.0)
+        excl, lse2, gl = _row_terms(EXCL, LSE2, GL, rows, row_ok, BLOCK_M, HAS_EXCL, IN_DENOM)
         coef = _coef(q, c, rows, cols, row_ok, col_ok, excl, lse2, gl, POS, GS, scale_log2,
                      BLOCK_M, BLOCK_N, P, HAS_EXCL, IN_DENOM, HAS_POS, DOT_F32)
         acc += _dot_nn(tl.trans(coef), q, DOT_F32)

@@ -230,6 +230,19 @@ def _lambda(mbuf, lam_ptr, k, g, H, W, sy, sx, GP: tl.constexpr, BLOCK_HW: tl.co
 
 
 @triton.jit
+def _pair_lambdas(mbuf, lam_ptr, i, j, both, g, H, W, sy, sx, PER_SAMPLE: tl.constexpr, GP: tl.constexpr,
+                  BLOCK_HW: tl.constexpr):
+    """λ for the flip pair (i, j): per-sample masks give both rows their own λ; one mask per
+    batch has a single λ, written by the program that holds row 0."""
+    if PER_SAMPLE:
+        _lambda(mbuf, lam_ptr, i, g, H, W, sy, sx, GP, BLOCK_HW)
+        if both:
+            _lambda(mbuf, lam_ptr, j, g, H, W, sy, sx, GP, BLOCK_HW)
+    elif i == 0:
+        _lambda(mbuf, lam_ptr, i * 0, g, H, W, sy, sx, GP, BLOCK_HW)
+
+
+@triton.jit
 def _pixel_yx(e, C, H, W, CHANNELS_LAST: tl.constexpr):
     if CHANNELS_LAST:
         y = e // (W * C)
@@ -324,12 +337,7 @@ def _prepare_masks(mbuf, lam_ptr, i, j, chunk, fresh_unit, both, GENERATE: tl.co
                 _store_mask(mbuf, 0, _draw_mask(k0, k1, i * 0, g, kind, num, min_patches, threshold24, GP), g, GP)
             tl.debug_barrier()
     if chunk == 0:
-        if PER_SAMPLE:
-            _lambda(mbuf, lam_ptr, i, g, H, W, sy, sx, GP, BLOCK_HW)
-            if both:
-                _lambda(mbuf, lam_ptr, j, g, H, W, sy, sx, GP, BLOCK_HW)
-        elif i == 0:
-            _lambda(mbuf, lam_ptr, i * 0, g, H, W, sy, sx, GP, BLOCK_HW)
+        _pair_lambdas(mbuf, lam_ptr, i, j, both, g, H, W, sy, sx, PER_SAMPLE, GP, BLOCK_HW)
 
 
 @triton.jit(do_not_specialize=["N", "C", "H", "W", "x_bs", "f_bs", "units", "chunks", "g", "k0", "k1", "kind",
@@ -436,12 +444,7 @@ def _mix_unmix_kernel(x, perm, mixed, switch, um, mbuf, lam_ptr,
         j = N - 1 - i
         both = j != i
         if chunk == 0:
-            if PER_SAMPLE:
-                _lambda(mbuf, lam_ptr, i, g, H, W, sy, sx, GP, BLOCK_HW)
-                if both:
-                    _lambda(mbuf, lam_ptr, j, g, H, W, sy, sx, GP, BLOCK_HW)
-            elif i == 0:
-                _lambda(mbuf, lam_ptr, i * 0, g, H, W, sy, sx, GP, BLOCK_HW)
+            _pair_lambdas(mbuf, lam_ptr, i, j, both, g, H, W, sy, sx, PER_SAMPLE, GP, BLOCK_HW)
         e = chunk * BLOCK_E + tl.arange(0, BLOCK_E)
         inb = e < img
         _unmix_pair(x, um, i, j, e, inb, img, x_bs, C, H, W, lam, mu, y1, y2, x1, x2, both, MIXUP, DT, CHANNELS_LAST)
