@@ -34,28 +34,53 @@ class ModelConfig(Section):
         64, ge=4, description="Channels of the first stage (64 = the standard ResNet); smaller widths make CPU demos fast.")
     cifar_stem: bool = Field(
         False, description="3x3 stride-1 conv1 and no max-pool (SPEC §1 CIFAR/Tiny-ImageNet backbone).")
-    head: Literal["mlp", "linear"] = Field(
-        "mlp", description="Projection head: 'mlp' (MoCo v2, dim-dim-feature_dim) or 'linear' (MoCo v1 / CIFAR).")
-    feature_dim: int = Field(128, ge=1, description="Output dimension of the projection head.")
+    head: Literal["mlp", "linear", "mlp_bn", "simsiam"] = Field(
+        "mlp", description="Projection head: 'mlp' (MoCo v2: Linear-ReLU-Linear), 'linear' (MoCo v1 / CIFAR), "
+                           "'mlp_bn' (head_layers Linear layers, BN-ReLU between them: SimCLR, BYOL), 'simsiam' "
+                           "(as mlp_bn plus an output BN without affine: SimSiam, MixSiam).")
+    head_layers: int = Field(2, ge=2, description="Linear layers of the 'mlp_bn' and 'simsiam' heads (SimSiam ImageNet: 3).")
+    head_hidden_dim: Optional[int] = Field(
+        None, ge=1, description="Hidden width of the projection head; null = the backbone's feature dimension.")
+    feature_dim: int = Field(128, ge=1, description="Output dimension of the projection head (the embedding).")
+    predictor_hidden_dim: int = Field(
+        512, ge=1, description="Bottleneck width of the predictor (BYOL, SimSiam, MixSiam): "
+                               "Linear(feature_dim, this)-BN-ReLU-Linear(this, feature_dim).")
     bn_splits: int = Field(
-        8, ge=1, description="SplitBatchNorm groups used on a single process to emulate shuffle-BN (SPEC §1); 1 = plain BN.")
+        8, ge=1, description="MoCo only: SplitBatchNorm groups used on a single process to emulate shuffle-BN (SPEC §1); 1 = plain BN.")
     shuffle_bn: bool = Field(
-        True, description="Shuffle-BN: permute the key batch across ranks before the key encoder (world size > 1). "
+        True, description="MoCo only. Shuffle-BN: permute the key batch across ranks before the key encoder (world size > 1). "
                           "On one process (or with this off) the key batch is permuted within the batch and BatchNorm is SplitBatchNorm(bn_splits).")
     sync_bn: bool = Field(False, description="Convert BatchNorm to SyncBatchNorm before deepspeed.initialize.")
     channels_last: bool = Field(False, description="Run the encoders in channels_last memory format.")
 
 
+class MixSiamConfig(Section):
+    mix_lambda: float = Field(
+        0.5, ge=0.0, le=1.0, description="lambda_mix of the mixture of the two views x_m = l*x1 + (1-l)*x2 (SPEC §3).")
+    loss_lambda: float = Field(
+        0.5, ge=0.0, le=1.0, description="L = this * L_siam + (1 - this) * L_mix.")
+    aggregation: Literal["max", "mean", "none"] = Field(
+        "max", description="Target of the mixed branch: element-wise max (paper) or mean of sg(z1), sg(z2); "
+                           "'none' = no aggregated target, L_mix = (D(p_m, sg z1) + D(p_m, sg z2)) / 2 (ablation).")
+
+
 class MethodConfig(Section):
-    name: Literal["moco"] = Field("moco", description="Siamese framework.")
+    name: Literal["moco", "simclr", "byol", "simsiam", "mixsiam"] = Field(
+        "moco", description="Siamese framework (mixfast/methods/<name>.py).")
     version: Literal[1, 2] = Field(
         2, description="MoCo version. 2: MLP head (model.head='mlp'), mocov2 augmentation. 1: linear head (checked), "
                        "tau 0.07, mocov1 augmentation.")
-    queue_size: int = Field(65536, ge=1, description="Number of negative keys K in the MoCo queue.")
-    momentum: float = Field(0.999, ge=0.0, le=1.0, description="EMA momentum m of the key encoder.")
-    temperature: float = Field(0.2, gt=0.0, description="Softmax temperature tau.")
+    queue_size: int = Field(65536, ge=1, description="MoCo: number of negative keys K in the queue.")
+    momentum: float = Field(
+        0.999, ge=0.0, le=1.0, description="EMA momentum of the key encoder (MoCo m) or target network (BYOL base tau).")
+    momentum_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="'cosine' = BYOL's schedule tau_k = 1 - (1 - momentum)(cos(pi k / K) + 1) / 2 "
+                                "over the run's K steps; 'constant' = MoCo.")
+    temperature: float = Field(0.2, gt=0.0, description="Softmax temperature tau (MoCo, SimCLR).")
     symmetric: bool = Field(
-        False, description="Symmetric loss (both views as query and key; SPEC §2 CIFAR variant); enqueues cat(k1, k2).")
+        False, description="MoCo: symmetric loss (both views as query and key; SPEC §2 CIFAR variant); enqueues "
+                           "cat(k1, k2). BYOL/SimSiam/SimCLR are always symmetric in their own loss.")
+    mixsiam: MixSiamConfig = Field(default_factory=MixSiamConfig)
 
 
 class MixMaskConfig(Section):
@@ -94,6 +119,10 @@ class UnMixConfig(Section):
 class MixingConfig(Section):
     mixmask: MixMaskConfig = Field(default_factory=MixMaskConfig)
     unmix: UnMixConfig = Field(default_factory=UnMixConfig)
+    symmetrize: bool = Field(
+        False, description="SimCLR/BYOL/SimSiam (SPEC §1 'other frameworks', an open choice): mixtures are built from "
+                           "view 1 and scored against view 2's targets; true also mixes view 2 and scores it "
+                           "against view 1's (twice the mixed branches). MoCo uses method.symmetric instead.")
 
 
 # Data sets read from data.root; the others are generated in memory.
@@ -118,9 +147,10 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd"] = Field("sgd", description="Optimizer.")
+    name: Literal["sgd", "adam"] = Field(
+        "sgd", description="Optimizer: SGD with momentum, or Adam (SimCLR/BYOL on CIFAR and Tiny-ImageNet, paper Table 8).")
     lr: float = Field(0.03, gt=0.0, description="Peak learning rate for train.batch_size (no implicit scaling).")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (Adam: beta1 is 0.9, beta2 0.999).")
     weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule, stepped per iteration.")
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length in epochs.")
@@ -138,7 +168,7 @@ class TrainConfig(Section):
     sequential_backward: Union[Literal["auto"], bool] = Field(
         "auto", description="Backpropagate each query branch (original, Un-Mix, MixMask) right after its forward: "
                             "peak activation memory of one branch instead of all, same gradients, one soft_infonce "
-                            "call per branch. 'auto' = on for CPU runs (host memory binds there), off on GPUs (one "
+                            "call per branch; MoCo only (the other frameworks share features across branches and backpropagate once). 'auto' = on for CPU runs (host memory binds there), off on GPUs (one "
                             "fused soft_infonce call for all rows).")
     checkpoint_every_steps: int = Field(1000, ge=1, description="Save a checkpoint every N steps (and always at epoch end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep on disk.")
@@ -186,8 +216,17 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _check_moco_version(self):
-        if self.method.version == 1 and self.model.head != "linear":
+        if self.method.name == "moco" and self.method.version == 1 and self.model.head != "linear":
             raise ValueError("method.version=1 (MoCo v1) uses a linear projection head: set model.head='linear'")
+        return self
+
+    @model_validator(mode="after")
+    def _check_mixsiam_mixing(self):
+        # MixSiam's mixture is its own (the two views of one image); the MixMask / Un-Mix
+        # branches are defined for the other frameworks.
+        if self.method.name == "mixsiam" and (self.mixing.mixmask.enabled or self.mixing.unmix.enabled):
+            raise ValueError("method.name='mixsiam' mixes the two views of each image itself: set "
+                             "mixing.mixmask.enabled=false and mixing.unmix.enabled=false")
         return self
 
     @model_validator(mode="after")

@@ -33,12 +33,20 @@ from mixfast.engine.logging import MetricsLogger, info
 from mixfast.engine.progress import Progress
 from mixfast.engine.schedule import lr_multiplier
 from mixfast.eval.knn import knn_accuracy
-from mixfast.methods import build_moco
+from mixfast.methods import build_method
 from mixfast.models import export_torchvision_state_dict
 
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def build_optimizer(params, cfg):
+    """SGD with momentum (MoCo, SimSiam, MixSiam) or Adam (SimCLR/BYOL, paper Table 8).
+    Weight decay applies to every parameter, as in the papers' code."""
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class Trainer:
-    """Owns the run: data, model + DeepSpeed engine, MoCo state, logs, checkpoints."""
+    """Owns the run: data, model + DeepSpeed engine, the method's state, logs, checkpoints."""
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         import deepspeed
@@ -70,18 +78,18 @@ class Trainer:
                               f"({len(self.data.train)} images over {self.world} ranks)")
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
 
-        query, self.moco = build_moco(cfg, self.rank, self.world)
-        query.to(device)
-        self.moco.to(device)
-        optimizer = torch.optim.SGD(query.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                    weight_decay=cfg.optim.weight_decay)
+        trained, self.method = build_method(cfg, self.rank, self.world)
+        trained.to(device)
+        self.method.to(device)
+        self.method.set_total_steps(self.total_steps)  # schedules span the epochs, like the LR
+        optimizer = build_optimizer(trained.parameters(), cfg.optim)
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(self.total_steps, warmup, cfg.optim))
         self.engine, _, _, _ = deepspeed.initialize(
-            model=query, optimizer=optimizer, lr_scheduler=scheduler, config=to_deepspeed_config(cfg, self.world))
+            model=trained, optimizer=optimizer, lr_scheduler=scheduler, config=to_deepspeed_config(cfg, self.world))
 
         self.logger = MetricsLogger(cfg.train.output_dir, cfg.log.tensorboard)
-        self.state = checkpoint.resume(self.engine, self.moco, cfg.train.output_dir, cfg.train.resume) or TrainState()
+        self.state = checkpoint.resume(self.engine, self.method, cfg.train.output_dir, cfg.train.resume) or TrainState()
 
     # --- evaluation -------------------------------------------------------------------
     def knn(self) -> float:
@@ -104,7 +112,7 @@ class Trainer:
 
     # --- training -----------------------------------------------------------------------
     def save(self, tag: str | None = None, save_latest: bool = True) -> str:
-        return checkpoint.save(self.engine, self.moco, self.state, self.cfg.train.output_dir,
+        return checkpoint.save(self.engine, self.method, self.state, self.cfg.train.output_dir,
                                self.cfg.train.keep_checkpoints, tag, save_latest)
 
     def _budget(self) -> int:
@@ -130,7 +138,7 @@ class Trainer:
         coalesce = sequential and self.engine.zero_optimization_stage() > 0
         try:
             with self.engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
-                result = self.moco.training_step(self.engine, x1, x2, self.state.step, self._backward, sequential)
+                result = self.method.training_step(self.engine, x1, x2, self.state.step, self._backward, sequential)
         except NonFiniteLoss as err:
             # Checkpoint the state that produced it (not marked `latest`, so an automatic
             # restart resumes from the last good checkpoint), then stop.
@@ -143,7 +151,7 @@ class Trainer:
                                  self.cfg.data.augmentation)
             info(f"wrote {path}")
         self.engine.step()
-        self.moco.enqueue(result.keys_to_enqueue)
+        self.method.after_step(result)
         self.state.step += 1
         self.state.batch_in_epoch += 1
         self.state.skipped_images += int(batch["skipped"])
@@ -160,7 +168,7 @@ class Trainer:
             info(f"kNN top-1 of the randomly initialised encoder: {state.knn_random_init:.2f}%")
         progress = Progress(budget, state.step, enabled=cfg.log.progress and dist_utils.is_main())
         self.engine.train()
-        self.moco.train()
+        self.method.train()
         while state.step < budget and state.epoch < cfg.train.epochs:
             self.train_loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * self.per_rank_batch)
             for batch in self.train_loader:

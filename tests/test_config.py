@@ -54,7 +54,7 @@ def leaf_paths(model: type = RunConfig, prefix: str = "") -> list[str]:
 
 def test_configs_directory_is_not_empty():
     names = {p.name for p in CONFIG_FILES}
-    assert {"in1k_mixmask.json", "cifar100_mixmask.json", "tinyimagenet_mixmask.json", "demo.json"} <= names
+    assert {"in1k_mixmask.json", "cifar100_moco_mixmask_unmix.json", "tinyimagenet_moco_mixmask.json", "demo.json"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
@@ -88,10 +88,10 @@ def test_in1k_config_matches_spec_imagenet_column():
 
 
 def test_cifar_config_matches_spec_cifar_column():
-    cfg = load_config(REPO / "configs/cifar100_mixmask.json", NO_DISK)
+    cfg = load_config(REPO / "configs/cifar100_moco_mixmask_unmix.json", NO_DISK)
     assert (cfg.model.arch, cfg.model.cifar_stem, cfg.model.head, cfg.model.bn_splits) == ("resnet18", True, "linear", 8)
     assert (cfg.method.queue_size, cfg.method.momentum, cfg.method.temperature, cfg.method.symmetric) == (4096, 0.99, 0.1, True)
-    assert cfg.mixing.mixmask.grid == 2
+    assert cfg.mixing.mixmask.grid == 2 and cfg.mixing.unmix.enabled and cfg.mixing.unmix.prob_mixup == 0.5
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.batch_size, cfg.train.epochs) == (0.06, 5e-4, 512, 1000)
 
 

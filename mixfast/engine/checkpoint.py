@@ -1,7 +1,8 @@
 """DeepSpeed checkpoints plus mixfast's client state, auto-resume and pruning.
 
 DeepSpeed saves the trained module, optimizer and LR scheduler; the client state adds what
-it does not own (SPEC §8): the momentum encoder, queue and pointer, the training position
+it does not own (SPEC §8): the method's state (`Method.state_dict()`: MoCo's momentum
+encoder, queue and pointer; BYOL's target network), the training position
 (epoch, global step, batches consumed in the epoch), RNG states and the kNN history.
 DeepSpeed writes the `latest` file only after a checkpoint is complete, so a run killed
 while saving resumes from the previous one.
@@ -53,14 +54,13 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, moco, state: TrainState, output_dir: str, keep: int, tag: Optional[str] = None,
+def save(engine, method, state: TrainState, output_dir: str, keep: int, tag: Optional[str] = None,
          save_latest: bool = True) -> str:
     """Every rank must call this (DeepSpeed's rule). Returns the tag."""
     tag = tag or f"step{state.step:09d}"
     client_state = {
         "mixfast_train_state": asdict(state),
-        "mixfast_moco": {"key_encoder": moco.key_encoder.state_dict(), "queue": moco.queue,
-                         "queue_ptr": moco.queue_ptr},
+        "mixfast_method": {"name": method.cfg.method.name, "state": method.state_dict()},
         "mixfast_rng": _rng_state(),
     }
     engine.save_checkpoint(checkpoint_dir(output_dir), tag=tag, client_state=client_state, save_latest=save_latest)
@@ -76,7 +76,7 @@ def _prune(ckpt_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
-def resume(engine, moco, output_dir: str, how: str) -> Optional[TrainState]:
+def resume(engine, method, output_dir: str, how: str) -> Optional[TrainState]:
     """Load per `train.resume` ('auto' | 'none' | tag). Returns the state, or None for a fresh run."""
     if how == "none":
         return None
@@ -92,9 +92,10 @@ def resume(engine, moco, output_dir: str, how: str) -> Optional[TrainState]:
     path, client = engine.load_checkpoint(ckpt_dir, tag=tag)
     if path is None:
         raise RuntimeError(f"train.resume: DeepSpeed could not load a checkpoint from {ckpt_dir!r}")
-    moco_state = client["mixfast_moco"]
-    moco.key_encoder.load_state_dict(moco_state["key_encoder"])
-    moco.queue.copy_(moco_state["queue"])
-    moco.queue_ptr.copy_(moco_state["queue_ptr"])
+    saved = client["mixfast_method"]
+    if saved["name"] != method.cfg.method.name:
+        raise RuntimeError(f"train.resume: the checkpoint in {ckpt_dir!r} was written by method {saved['name']!r}, "
+                           f"this run is method.name={method.cfg.method.name!r}; use another train.output_dir")
+    method.load_state_dict(saved["state"])
     _set_rng_state(client["mixfast_rng"])
     return TrainState(**client["mixfast_train_state"])

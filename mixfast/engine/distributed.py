@@ -69,3 +69,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from every rank along dim 0, differentiably: the
+    backward sums each rank's gradient into the rank that owns the rows (SimCLR's global
+    in-batch negatives)."""
+    if world_size() == 1:
+        return t
+    import torch.distributed.nn.functional as dist_nn
+
+    return torch.cat(dist_nn.all_gather(t.contiguous()))

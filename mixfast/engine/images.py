@@ -24,7 +24,7 @@ def _denormalize(x: torch.Tensor, recipe: str) -> torch.Tensor:
 
 def save_mix_grid(images: dict, path: str, recipe: str) -> str:
     """One column per image of the batch (first 8); rows: view 1, view 2, mask, MixMask
-    mixture, switch image (same mask, roles swapped), Un-Mix mixture — whichever exist."""
+    mixture, switch image (same mask, roles swapped), Un-Mix or MixSiam mixture — whichever exist."""
     x1 = images["view1"][:_ROWS]
     rows = [_denormalize(x1, recipe), _denormalize(images["view2"][:_ROWS], recipe)]
     if "mixmask" in images:
@@ -37,8 +37,9 @@ def save_mix_grid(images: dict, path: str, recipe: str) -> str:
         # (training derives switch features from the mixed batch, never re-encoding images).
         _, switch, _ = ops.mix(images["view1"], images["mask"], images["mixmask_perm"], want_switch=True)
         rows.append(_denormalize(switch[:_ROWS], recipe))
-    if "unmix" in images:
-        rows.append(_denormalize(images["unmix"][:_ROWS], recipe))
+    for name in ("unmix", "mixsiam"):  # Un-Mix mixture; MixSiam's mixture of the two views
+        if name in images:
+            rows.append(_denormalize(images[name][:_ROWS], recipe))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_image(torch.cat(rows), path, nrow=x1.size(0), padding=1)
     return path

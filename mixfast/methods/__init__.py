@@ -1,3 +1,8 @@
-from mixfast.methods.moco import MoCo, QueryEncoder, build_moco
+"""Siamese frameworks (one module each) behind one interface, `base.Method`."""
 
-__all__ = ["MoCo", "QueryEncoder", "build_moco"]
+from mixfast.methods.base import Method, StepResult, build_method, registered
+from mixfast.methods.encoders import PredictorEncoder, QueryEncoder
+from mixfast.methods.moco import MoCo, build_moco
+
+__all__ = ["Method", "StepResult", "build_method", "registered", "PredictorEncoder", "QueryEncoder", "MoCo",
+           "build_moco"]

@@ -21,9 +21,7 @@ against both key views.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,26 +30,13 @@ from torch import nn
 from mixfast import ops
 from mixfast.config import RunConfig
 from mixfast.engine import distributed as dist_utils
-from mixfast.mixing import MixMaskMixer, UnMixer
+from mixfast.methods.base import Backward, Method, StepResult, ema_update, frozen_copy, register
+from mixfast.methods.encoders import QueryEncoder, build_query_encoder, finalize
+from mixfast.mixing.branches import Mixtures
 from mixfast.mixing.rng import STREAM_SHUFFLE_BN, step_generator
-from mixfast.models import build_backbone, build_head, convert_to_split_bn
+from mixfast.models import convert_to_split_bn
 
-
-class QueryEncoder(nn.Module):
-    """Backbone + projection head; `forward(*views)` encodes each view in its own pass
-    (own BatchNorm statistics, as in the papers' code) and returns L2-normalized features."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, channels_last: bool = False):
-        super().__init__()
-        self.backbone, self.head, self.channels_last = backbone, head, channels_last
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return F.normalize(self.head(self.backbone(x)).float(), dim=1)
-
-    def forward(self, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.encode(v) for v in views)
+__all__ = ["MoCo", "QueryEncoder", "QuerySet", "StepResult", "build_moco"]
 
 
 @dataclass
@@ -64,38 +49,24 @@ class QuerySet:
     name: str
 
 
-@dataclass
-class StepResult:
-    loss: torch.Tensor  # detached total of the step
-    stats: dict[str, float] = field(default_factory=dict)
-    images: dict[str, torch.Tensor] = field(default_factory=dict)
-    keys_to_enqueue: torch.Tensor | None = None
-
-
-class MoCo(nn.Module):
+class MoCo(Method):
     def __init__(self, query: QueryEncoder, cfg: RunConfig, rank: int = 0, world_size: int = 1):
-        super().__init__()
+        super().__init__(cfg, rank, world_size)
         m = cfg.method
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.temperature, self.momentum, self.symmetric = m.temperature, m.momentum, m.symmetric
         self.shuffle_bn = cfg.model.shuffle_bn and world_size > 1
-        self.key_encoder = copy.deepcopy(query)
-        for p in self.key_encoder.parameters():
-            p.requires_grad_(False)
+        self.key_encoder = frozen_copy(query)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         self.register_buffer("queue", F.normalize(torch.randn(m.queue_size, cfg.model.feature_dim, generator=gen), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        mix = cfg.mixing
-        self.mixmask = MixMaskMixer(mix.mixmask, cfg.train.seed, rank) if mix.mixmask.enabled else None
-        self.unmix = UnMixer(mix.unmix, cfg.train.seed, rank) if mix.unmix.enabled else None
+        self.mixtures = Mixtures(cfg.mixing, cfg.train.seed, rank)
 
     # --- key side -------------------------------------------------------------------
     @torch.no_grad()
-    def momentum_update(self, query: nn.Module) -> None:
+    def momentum_update(self, query: nn.Module, step: int = 0) -> None:
         """k ← m·k + (1-m)·q for parameters only. As in the official MoCo, the key
         encoder's BatchNorm running statistics come from its own (train-mode) passes."""
-        for pk, pq in zip(self.key_encoder.parameters(), query.parameters()):
-            pk.mul_(self.momentum).add_(pq.detach().to(pk.dtype), alpha=1 - self.momentum)
+        ema_update(self.key_encoder, query, self.momentum_at(step))
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -146,30 +117,17 @@ class MoCo(nn.Module):
                     QuerySet(x2, (rows + b)[:, None], ones[:, None], "orig2")]
         else:
             sets = [QuerySet(x1, rows[:, None], ones[:, None], "orig")]
-        stats, images = {}, {"view1": x1, "view2": x2}
-        um = mm = None
-        if self.unmix is not None and self.mixmask is not None:
-            # Both mixtures from one pass over x1; MixMask takes a fresh random partner.
-            mm, um = self.mixmask.with_unmix(x1, step, self.unmix)
-        elif self.unmix is not None:
-            um = self.unmix(x1, step)
-        elif self.mixmask is not None:
-            mm = self.mixmask(x1, step, random_partner=False)
-        if um is not None:
-            lam = torch.full((b,), um.lam, device=dev)
-            pos, w = against_all_keysets([(rows, lam), (um.perm, 1 - lam)])
-            sets.append(QuerySet(um.mixed, pos, w, "unmix"))
-            stats.update(lam_unmix=um.lam, unmix_is_mixup=float(um.use_mixup))
-            images["unmix"] = um.mixed
-        if mm is not None:  # with Un-Mix present its partner is random (paper Table 2), else flip
-            pos, w = against_all_keysets([(rows, mm.weight_own), (mm.perm, mm.weight_filler)])
-            sets.append(QuerySet(mm.mixed, pos, w, "mixmask"))
-            stats["lam_mixmask"] = float(mm.pixel_lam.float().mean())
-            images.update(mixmask=mm.mixed, mask=mm.masks, mixmask_perm=mm.perm)
+        branches, stats, images = self.mixtures(x1, step)
+        images.update(view1=x1, view2=x2)
+        for br in branches:
+            # Un-Mix keeps flip; MixMask with Un-Mix present takes a random partner (paper
+            # Table 2), alone flip. Row i: its own key (λ) and its filler's key (1-λ).
+            pos, w = against_all_keysets([(rows, br.weight_own), (br.perm, br.weight_filler)])
+            sets.append(QuerySet(br.x, pos, w, br.name))
         return sets, stats, images
 
     def training_step(self, engine, x1: torch.Tensor, x2: torch.Tensor, step: int,
-                      backward: Callable[[torch.Tensor, bool], None], sequential: bool = False) -> StepResult:
+                      backward: Backward, sequential: bool = False) -> StepResult:
         """Forward and backward of one step; the caller then runs engine.step and `enqueue`.
 
         `backward(loss_part, is_last)` is called once (fused: every query branch in one
@@ -178,9 +136,8 @@ class MoCo(nn.Module):
         branch's activations are alive at a time; the loss is a sum over rows whose terms
         depend only on their own query, so the gradients are the same).
         """
-        self.momentum_update(engine.module)
-        autocast = torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
-        with autocast:
+        self.momentum_update(engine.module, step)
+        with self.autocast(x1.device.type):
             k2 = self.encode_keys(x2, step)
             k1 = self.encode_keys(x1, step) if self.symmetric else None
         keys = torch.cat([k2, k1]) if self.symmetric else k2
@@ -197,6 +154,9 @@ class MoCo(nn.Module):
         enqueue = torch.cat([k1, k2]) if self.symmetric else k2
         return StepResult(total, stats, images, enqueue)
 
+    def after_step(self, result: StepResult) -> None:
+        self.enqueue(result.keys_to_enqueue)
+
     def _group_loss(self, engine, group: list[QuerySet], keys: torch.Tensor, batch: int):
         """Σ weight·term / B over the rows of `group`, and each branch's share for the logs."""
         queries = engine(*[s.x for s in group])
@@ -212,19 +172,14 @@ class MoCo(nn.Module):
         return weighted.sum() / batch, branch_losses
 
 
+@register("moco")
 def build_moco(cfg: RunConfig, rank: int, world_size: int) -> tuple[QueryEncoder, MoCo]:
     """Query encoder (to hand to DeepSpeed) and the MoCo wrapper (key encoder, queue, loss).
 
     BatchNorm: shuffle-BN across ranks when world_size > 1, else SplitBatchNorm(bn_splits)
     to emulate it on one process (SPEC §1)."""
-    mc = cfg.model
-    backbone = build_backbone(mc.arch, mc.width, mc.cifar_stem)
-    head = build_head(mc.head, backbone.feature_dim, mc.feature_dim)
-    query = QueryEncoder(backbone, head, mc.channels_last)
-    if world_size == 1 or not mc.shuffle_bn:
-        convert_to_split_bn(query, mc.bn_splits)
-    if mc.sync_bn:
-        query = nn.SyncBatchNorm.convert_sync_batchnorm(query)
-    if mc.channels_last:
-        query = query.to(memory_format=torch.channels_last)
+    query = build_query_encoder(cfg)
+    if world_size == 1 or not cfg.model.shuffle_bn:
+        convert_to_split_bn(query, cfg.model.bn_splits)
+    query = finalize(query, cfg)
     return query, MoCo(query, cfg, rank, world_size)

@@ -1,0 +1,71 @@
+"""BYOL (Grill et al., 2020) with the MixMask / Un-Mix branches (SPEC §1 "other frameworks").
+
+The online network (backbone, projector, predictor) is trained by DeepSpeed; the target
+network (backbone, projector) is its EMA with BYOL's cosine τ schedule
+(`method.momentum_schedule="cosine"`, base τ = `method.momentum`), updated from
+`engine.module` before each step's forward (equivalent to BYOL's after-step update) and
+kept in the checkpoint's client state.
+
+    L = D(p1, t2) + D(p2, t1) + Σ_branches mean_i [ λ_i·D(p_m,i, t2_i) + (1-λ_i)·D(p_m,i, t2_π(i)) ]
+
+with D = 2 - 2·cos (BYOL's normalized MSE) and t the target projections; the mixture is
+built from view 1 (`mixing.symmetrize` adds view 2's against t1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mixfast.config import RunConfig
+from mixfast.methods.base import Backward, StepResult, ema_update, frozen_copy, register
+from mixfast.methods.encoders import PredictorEncoder, build_predictor_encoder, finalize
+from mixfast.methods.losses import normalized_mse
+from mixfast.methods.simsiam import SimSiam
+
+
+class TargetNetwork(nn.Module):
+    def __init__(self, online: PredictorEncoder):
+        super().__init__()
+        self.backbone, self.head = frozen_copy(online.backbone), frozen_copy(online.head)
+        self.channels_last = online.channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.head(self.backbone(x)).float()
+
+
+class BYOL(SimSiam):
+    distance = staticmethod(normalized_mse)
+
+    def __init__(self, online: PredictorEncoder, cfg: RunConfig, rank: int = 0, world_size: int = 1):
+        super().__init__(cfg, rank, world_size)
+        self.target = TargetNetwork(online)
+
+    @torch.no_grad()
+    def momentum_update(self, online: nn.Module, step: int) -> None:
+        m = self.momentum_at(step)
+        ema_update(self.target.backbone, online.backbone, m)
+        ema_update(self.target.head, online.head, m)
+
+    @torch.no_grad()
+    def targets(self, engine, x1, x2, online) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.target(x1), self.target(x2)
+
+    def siamese_loss(self, online, targets) -> torch.Tensor:
+        (_, p1), (_, p2) = online[:2]
+        t1, t2 = targets
+        return self.distance(p1, t2).mean() + self.distance(p2, t1).mean()
+
+    def training_step(self, engine, x1, x2, step: int, backward: Backward, sequential: bool = False) -> StepResult:
+        self.momentum_update(engine.module, step)
+        result = super().training_step(engine, x1, x2, step, backward, sequential)
+        result.stats["target_momentum"] = self.momentum_at(step)
+        return result
+
+
+@register("byol")
+def build_byol(cfg: RunConfig, rank: int, world_size: int) -> tuple[PredictorEncoder, BYOL]:
+    online = finalize(build_predictor_encoder(cfg), cfg)
+    return online, BYOL(online, cfg, rank, world_size)

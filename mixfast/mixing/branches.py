@@ -1,0 +1,65 @@
+"""This step's mixed branches of one view, for any framework (SPEC §1 policy).
+
+A branch is a batch of mixed images plus its soft pairing: row i is scored against the
+target of its own image with weight `weight_own[i]` (λ) and against the target of its
+filler image `perm[i]` with weight `weight_filler[i]` (1-λ, or 0 for the erase
+baselines). Which targets those are (MoCo keys, SimCLR embeddings, BYOL/SimSiam
+projections) is the framework's business; the policy here is shared:
+
+    Un-Mix alone      mixup / CutMix with flip
+    MixMask alone     block mask with flip
+    both              Un-Mix keeps flip, MixMask takes a fresh random permutation (paper
+                      Table 2), both mixtures from one pass over x (`ops.mix_and_unmix`)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mixfast.config import MixingConfig
+from mixfast.mixing.mixmask import MixMaskMixer
+from mixfast.mixing.unmix import UnMixer
+
+
+@dataclass
+class MixedBranch:
+    name: str                    # "unmix" | "mixmask"
+    x: torch.Tensor              # mixed images [B, C, H, W]
+    perm: torch.Tensor           # long [B]: the filler of row i is image perm[i]
+    weight_own: torch.Tensor     # float [B]
+    weight_filler: torch.Tensor  # float [B]
+
+
+class Mixtures:
+    def __init__(self, cfg: MixingConfig, seed: int, rank: int):
+        self.mixmask = MixMaskMixer(cfg.mixmask, seed, rank) if cfg.mixmask.enabled else None
+        self.unmix = UnMixer(cfg.unmix, seed, rank) if cfg.unmix.enabled else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mixmask is not None or self.unmix is not None
+
+    def __call__(self, x: torch.Tensor, step: int) -> tuple[list[MixedBranch], dict, dict]:
+        """(branches, scalar stats for the logs, tensors for the image grid). Every random
+        choice is a pure function of (seed, rank, step)."""
+        b, dev = x.size(0), x.device
+        um = mm = None
+        if self.unmix is not None and self.mixmask is not None:
+            mm, um = self.mixmask.with_unmix(x, step, self.unmix)
+        elif self.unmix is not None:
+            um = self.unmix(x, step)
+        elif self.mixmask is not None:
+            mm = self.mixmask(x, step, random_partner=False)
+        branches, stats, images = [], {}, {}
+        if um is not None:
+            lam = torch.full((b,), um.lam, device=dev)
+            branches.append(MixedBranch("unmix", um.mixed, um.perm, lam, 1 - lam))
+            stats.update(lam_unmix=um.lam, unmix_is_mixup=float(um.use_mixup))
+            images["unmix"] = um.mixed
+        if mm is not None:
+            branches.append(MixedBranch("mixmask", mm.mixed, mm.perm, mm.weight_own.to(dev), mm.weight_filler.to(dev)))
+            stats["lam_mixmask"] = float(mm.pixel_lam.float().mean())
+            images.update(mixmask=mm.mixed, mask=mm.masks, mixmask_perm=mm.perm)
+        return branches, stats, images
