@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
                                     args.batch_size, workers)
     train_tf = common.train_transform(args.augment, data.recipe, data.image_size, args.hflip)
     val_feats = train_feats = None
-    if precompute:
+    if precompute and start_epoch < args.epochs:  # (a finished run that is resumed only reports)
         train_feats, train_labels = common.extract_features(
             backbone, common.make_loader(data.train, train_tf, args.batch_size, workers), device, progress,
             "train features")
