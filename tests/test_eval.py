@@ -396,3 +396,20 @@ def test_detectron2_export_command(run_dir, tmp_path, capsys):
     assert "warning: stem conv" in capsys.readouterr().err  # width 8 is not Detectron2's 64
     with pytest.raises(SystemExit, match="no-such"):
         export_detectron2.main([str(tmp_path / "no-such"), str(out)])
+
+
+def test_module_entry_point_runs_and_reports_bad_paths_without_traceback(run_dir, tmp_path):
+    """`python -m mixfast.eval.<command>` as users run it (one command; the others share the code)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, "-m", "mixfast.eval.knn", str(run_dir), "--k", "3", "--no-progress",
+                         "--out", str(tmp_path / "k")], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.strip().splitlines()[-1].startswith("kNN top-1: ")
+    missing = tmp_path / "no-such-run"
+    bad = subprocess.run([sys.executable, "-m", "mixfast.eval.knn", str(missing)], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and str(missing) in bad.stderr and "Traceback" not in bad.stderr
