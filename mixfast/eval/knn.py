@@ -67,3 +67,54 @@ def knn_accuracy(encoder: nn.Module, bank_loader, test_loader, num_classes: int,
     total = torch.tensor(float(test_y.numel()), device=correct.device)
     correct, total = dist_utils.all_reduce_sum(correct), dist_utils.all_reduce_sum(total)
     return float(100.0 * correct / total)
+
+
+# --- command line: python -m mixfast.eval.knn RUN_OR_CKPT [--k K --t T] ---------------------------
+
+
+def main(argv=None) -> dict:
+    """kNN accuracy of a run's backbone (default k and t: the run's eval.knn_k / eval.knn_t)."""
+    import argparse
+    import os
+    import time
+
+    from tqdm.auto import tqdm
+
+    from mixfast.data import build_eval_loader
+    from mixfast.eval import common
+
+    parser = argparse.ArgumentParser(prog="python -m mixfast.eval.knn", description=main.__doc__)
+    common.add_common_args(parser)
+    parser.add_argument("--k", type=int, default=None, help="neighbours (default: the run's eval.knn_k)")
+    parser.add_argument("--t", type=float, default=None, help="temperature (default: the run's eval.knn_t)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    t_start = time.perf_counter()
+    source, cfg, backbone, device = common.setup(args)
+    k = cfg.eval.knn_k if args.k is None else args.k
+    t = cfg.eval.knn_t if args.t is None else args.t
+    if k < 1 or t <= 0:
+        parser.error("--k must be >= 1 and --t > 0")
+    data = common.labelled_data(cfg)
+    out = args.out or common.default_out(source, "knn")
+    os.makedirs(out, exist_ok=True)
+    transform = common.val_transform(data.recipe, data.image_size)
+    wrap = lambda loader, desc: tqdm(loader, desc=desc, disable=args.no_progress, leave=False)  # noqa: E731
+    bank = build_eval_loader(common.EvalDataset(data.train, transform), args.batch_size, cfg.data.num_workers)
+    test = build_eval_loader(common.EvalDataset(data.test, transform), args.batch_size, cfg.data.num_workers)
+    common.info(f"kNN (k {k}, t {t}) of {source.weights} on {cfg.data.name}: bank {len(data.train)} / test "
+                f"{len(data.test)} images -> {out}")
+    top1 = knn_accuracy(backbone, wrap(bank, "bank"), wrap(test, "test"), data.num_classes, k, t, device)
+    metrics = {**common.base_record("knn", source, cfg, data), "protocol": "knn (SPEC §6)", "top1": top1,
+               "hyperparameters": {"k": k, "t": t, "features": "backbone"}, "wall_s": time.perf_counter() - t_start}
+    common.EpochLog(out, "knn").log(0, {"top1": top1, "k": k, "t": t})
+    path = common.write_json(os.path.join(out, "knn_metrics.json"), metrics)
+    common.info(f"wrote {path}")
+    print(f"kNN top-1: {top1:.2f}%", flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

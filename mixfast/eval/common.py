@@ -1,0 +1,482 @@
+"""What the evaluation commands share: where the backbone comes from, its run config, the
+labelled data and transforms, the LR schedules, accuracy, resumable state and the outputs.
+
+A *source* (the positional argument of every command) is one of
+
+- a run directory (``train.output_dir``): its ``config.json`` gives the model and data; the
+  weights are ``backbone_torchvision.pth`` when the run finished, else the newest checkpoint;
+- a DeepSpeed checkpoint: the ``checkpoints/`` directory (its ``latest`` tag, else the newest
+  tag), a tag directory, or the ``mp_rank_00_model_states.pt`` file itself; the module state
+  holds ``backbone.*`` and ``head.*`` and only ``backbone.*`` is used;
+- an exported torchvision-format backbone ``.pth`` (``Trainer.finish`` writes one; a full
+  torchvision ``resnetXX`` state dict works too, its ``fc`` is dropped).
+
+The run's ``config.json`` is found next to the source (the run directory, or two levels up
+from a checkpoint tag); without one, ``--arch`` (and ``--width``/``--cifar-stem`` where they
+differ from the defaults) and the data (``--set data.name=...`` or ``--config``) must be given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import mixfast._compat  # noqa: F401  (torchvision import on CPU-only torch)
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm.auto import tqdm
+
+from mixfast.config import ConfigError, RunConfig, _apply_override, _check_data_root_exists, _validate, dump_config
+from mixfast.data import MEAN_STD, EvalDataset, build_datasets, collate_eval, eval_transform
+from mixfast.models import build_backbone
+
+EXPORT_NAME = "backbone_torchvision.pth"
+CONFIG_NAME = "config.json"
+CHECKPOINTS = "checkpoints"
+MODEL_STATES = "mp_rank_00_model_states.pt"
+_MODEL_STATES_RE = re.compile(r"^mp_rank_\d+_model_states\.pt$")
+_STEP_TAG = re.compile(r"^step(\d+)$")
+
+
+class SourceError(ValueError):
+    """A source path or model argument that cannot be used; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------
+# Where the weights come from
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BackboneSource:
+    path: str                  # as given by the user
+    kind: str                  # "export" | "checkpoint"
+    weights: str               # the file actually read
+    state_dict: dict           # torchvision-format backbone keys (no fc)
+    config_path: Optional[str]  # the run's config.json, when found
+    run_dir: Optional[str]      # the run directory, when known
+
+    def describe(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "weights": self.weights, "config": self.config_path}
+
+
+def _newest_tag(ckpt_dir: Path) -> Path:
+    """The tag named in ``latest`` when it exists, else the newest tag directory holding model states."""
+    latest = ckpt_dir / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if (ckpt_dir / tag / MODEL_STATES).is_file():
+            return ckpt_dir / tag
+    tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and (p / MODEL_STATES).is_file()] if ckpt_dir.is_dir() else []
+    if not tags:
+        raise SourceError(f"{ckpt_dir}: no DeepSpeed checkpoint (no <tag>/{MODEL_STATES}) found there")
+
+    def order(p: Path):
+        m = _STEP_TAG.match(p.name)
+        return (p.stat().st_mtime, int(m.group(1)) if m else -1)
+
+    return max(tags, key=order)
+
+
+def _config_near(*dirs: Path) -> Optional[Path]:
+    for d in dirs:
+        if (d / CONFIG_NAME).is_file():
+            return d / CONFIG_NAME
+    return None
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - pickle/zip errors come in many types
+        raise SourceError(f"{path}: cannot be read as a PyTorch file ({type(err).__name__}: {err})") from None
+
+
+def backbone_from_checkpoint(obj: Any, path: Path) -> dict:
+    """``backbone.*`` weights of a DeepSpeed model-states file, prefix removed."""
+    module = obj.get("module") if isinstance(obj, dict) else None
+    if not isinstance(module, dict):
+        raise SourceError(f"{path}: not a DeepSpeed model-states file (no 'module' state dict)")
+    state = {k[len("backbone."):]: v for k, v in module.items() if k.startswith("backbone.")}
+    if not state:
+        some = ", ".join(list(module)[:3])
+        raise SourceError(f"{path}: the checkpoint's module has no 'backbone.*' weights (keys start: {some})")
+    return state
+
+
+def backbone_from_export(obj: Any, path: Path) -> dict:
+    """A torchvision-format ResNet state dict; ``fc.*`` dropped (mixfast exports have none)."""
+    if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
+        return backbone_from_checkpoint(obj, path)
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SourceError(f"{path}: not a backbone state dict (expected a dict of tensors like the "
+                          f"{EXPORT_NAME} a run writes)")
+    if "conv1.weight" not in obj:
+        raise SourceError(f"{path}: no 'conv1.weight' key: not a torchvision-format ResNet state dict")
+    return {k: v for k, v in obj.items() if not k.startswith("fc.")}
+
+
+def resolve_source(path: str | os.PathLike) -> BackboneSource:
+    """Find and read the backbone weights behind a run dir / checkpoint / exported .pth."""
+    given = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"{given}: no such file or directory (expected a run directory, a DeepSpeed "
+                          f"checkpoint directory or tag, or an exported backbone .pth)")
+    if p.is_dir():
+        if (p / MODEL_STATES).is_file():  # a tag directory
+            tag_dir = p
+        elif (p / EXPORT_NAME).is_file():  # a finished run
+            weights = p / EXPORT_NAME
+            return BackboneSource(given, "export", str(weights), backbone_from_export(_torch_load(weights), weights),
+                                  _str(_config_near(p)), str(p))
+        elif (p / CHECKPOINTS).is_dir():  # a run that has checkpoints but no export (yet)
+            tag_dir = _newest_tag(p / CHECKPOINTS)
+        elif (p / "latest").is_file() or any(c.is_dir() and (c / MODEL_STATES).is_file() for c in p.iterdir()):
+            tag_dir = _newest_tag(p)  # the checkpoints/ directory itself
+        else:
+            raise SourceError(f"{given}: a directory with neither {EXPORT_NAME}, {CHECKPOINTS}/, nor a "
+                              f"DeepSpeed checkpoint ({MODEL_STATES}) in it")
+        weights = tag_dir / MODEL_STATES
+        config = _config_near(tag_dir.parent.parent, tag_dir.parent)
+        return BackboneSource(given, "checkpoint", str(weights), backbone_from_checkpoint(_torch_load(weights), weights),
+                              _str(config), _str(config.parent) if config else None)
+    obj = _torch_load(p)
+    if _MODEL_STATES_RE.match(p.name):
+        config = _config_near(p.parent.parent.parent, p.parent)
+        return BackboneSource(given, "checkpoint", given, backbone_from_checkpoint(obj, p), _str(config),
+                              _str(config.parent) if config else None)
+    state = backbone_from_export(obj, p)
+    config = _config_near(p.parent)
+    return BackboneSource(given, "export", given, state, _str(config), _str(p.parent) if config else None)
+
+
+def _str(p: Optional[Path]) -> Optional[str]:
+    return None if p is None else str(p)
+
+
+# ---------------------------------------------------------------------------------------
+# Run config and the backbone
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_config(source: BackboneSource, config: Optional[str] = None, arch: Optional[str] = None,
+                   width: Optional[int] = None, cifar_stem: Optional[bool] = None,
+                   overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config (``--config``, else the run's config.json) with --arch/--width/--cifar-stem and
+    ``--set`` overrides applied, validated like the trainer's (errors name the key)."""
+    path = config or source.config_path
+    if path is None:
+        if arch is None:
+            raise SourceError(f"{source.path}: no {CONFIG_NAME} found next to it, so the model is unknown: pass "
+                              f"--arch (and --width / --cifar-stem if not 64 / off) and the data "
+                              f"(--set data.name=... or --config RUN/{CONFIG_NAME})")
+        raw: dict = {}
+        where = "(no config file)"
+    else:
+        if not Path(path).is_file():
+            raise SourceError(f"--config {path}: no such file")
+        try:
+            full = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise SourceError(f"{path}: invalid JSON ({err})") from None
+        # Evaluation reads only the model, data and eval sections; the method/mixing/train
+        # sections of a run (possibly of a newer trainer with methods this one lacks) are dropped.
+        raw = {k: full[k] for k in ("model", "data", "eval") if k in full}
+        where = str(path)
+    model_overrides = []
+    if arch is not None:
+        model_overrides.append(f"model.arch={arch}")
+    if width is not None:
+        model_overrides.append(f"model.width={width}")
+    if cifar_stem is not None:
+        model_overrides.append(f"model.cifar_stem={json.dumps(cifar_stem)}")
+    for item in [*model_overrides, *overrides]:
+        _apply_override(raw, item)
+    cfg = _validate(raw, source=where)
+    _check_data_root_exists(cfg)
+    return cfg
+
+
+def load_backbone(source: BackboneSource, cfg: RunConfig) -> nn.Module:
+    """The run's backbone architecture with the source's weights (strict: every key must fit)."""
+    mc = cfg.model
+    backbone = build_backbone(mc.arch, mc.width, mc.cifar_stem)
+    try:
+        backbone.load_state_dict(source.state_dict, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:4])
+        raise SourceError(f"{source.weights}: weights do not fit model.arch={mc.arch} model.width={mc.width} "
+                          f"model.cifar_stem={mc.cifar_stem} ({detail[:600]}); pass the right --arch/--width/"
+                          f"--cifar-stem") from None
+    return backbone
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line plumbing shared by the commands
+# ---------------------------------------------------------------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="run directory, DeepSpeed checkpoint (dir, tag dir or model-states file), "
+                                       "or exported backbone .pth")
+    parser.add_argument("--config", default=None, help="run config JSON (default: the run's config.json)")
+    parser.add_argument("--arch", choices=["resnet18", "resnet50"], default=None, help="override model.arch")
+    parser.add_argument("--width", type=int, default=None, help="override model.width")
+    parser.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
+                        help="override model.cifar_stem")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config key, e.g. --set data.root=/data/imagenet (repeatable)")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN/eval/<command>)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data order, augmentations and init")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def setup(args: argparse.Namespace) -> tuple[BackboneSource, RunConfig, nn.Module, torch.device]:
+    """Source, config and backbone from the common arguments; SystemExit with the message on errors."""
+    try:
+        source = resolve_source(args.source)
+        cfg = resolve_config(source, args.config, args.arch, args.width, args.cifar_stem, args.overrides)
+        backbone = load_backbone(source, cfg)
+    except (SourceError, ConfigError) as err:
+        raise SystemExit(f"mixfast: {err}") from None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return source, cfg, backbone.to(device), device
+
+
+def default_out(source: BackboneSource, name: str) -> str:
+    base = source.run_dir or os.path.dirname(os.path.abspath(source.weights))
+    return os.path.join(base, "eval", name)
+
+
+def info(message: str) -> None:
+    print(f"[mixfast] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelledData:
+    train: Dataset   # base data set: (PIL image, label)
+    test: Dataset
+    num_classes: int
+    recipe: str      # normalization (cifar or imagenet mean/std) follows the pre-training recipe
+    image_size: int
+    hflip: bool
+
+
+def labelled_data(cfg: RunConfig) -> LabelledData:
+    data = build_datasets(cfg.data)
+    return LabelledData(data.knn_train.base, data.knn_test.base, data.num_classes, cfg.data.augmentation,
+                        cfg.data.image_size, cfg.data.hflip)
+
+
+def dataset_labels(base: Dataset) -> np.ndarray:
+    """Labels without decoding images where the data set exposes them."""
+    for attr in ("labels", "targets"):
+        if hasattr(base, attr):
+            return np.asarray(getattr(base, attr), dtype=np.int64)
+    if hasattr(base, "num_classes") and hasattr(base, "n"):  # SyntheticImages: label = index % classes
+        return np.arange(base.n, dtype=np.int64) % base.num_classes
+    return np.asarray([base[i][1] for i in range(len(base))], dtype=np.int64)
+
+
+AUGMENTS = ("rrc", "crop", "none")
+
+
+def _normalize(recipe: str) -> T.Normalize:
+    mean, std = MEAN_STD["cifar" if recipe == "cifar" else "imagenet"]
+    return T.Normalize(mean, std)
+
+
+def train_transform(augment: str, recipe: str, size: int, hflip: bool) -> Callable:
+    """'rrc': RandomResizedCrop(size) + flip (SPEC §6 ImageNet); 'crop': resize, RandomCrop(size,
+    padding size/8) + flip (the usual CIFAR recipe); 'none': the deterministic eval transform."""
+    if augment == "none":
+        return eval_transform(recipe, size)
+    flip = [T.RandomHorizontalFlip()] if hflip else []
+    if augment == "rrc":
+        return T.Compose([T.RandomResizedCrop(size), *flip, T.ToTensor(), _normalize(recipe)])
+    if augment == "crop":
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=max(1, size // 8)), *flip,
+                          T.ToTensor(), _normalize(recipe)])
+    raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+
+
+def val_transform(recipe: str, size: int) -> Callable:
+    """Resize(size·256/224) + CenterCrop(size) above 64 px (SPEC §6: 256 -> 224), as is below."""
+    return eval_transform(recipe, size)
+
+
+def make_loader(base: Dataset, transform: Callable, batch_size: int, num_workers: int,
+                order: Optional[Sequence[int]] = None, drop_last: bool = False) -> DataLoader:
+    """Loader of ``(x, label)`` over ``order`` (default: every index in sequence)."""
+    dataset = EvalDataset(base, transform)
+    sampler = list(range(len(base))) if order is None else [int(i) for i in order]
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_eval,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False)
+
+
+def epoch_order(indices: Sequence[int], seed: int, epoch: int, batch_size: int) -> list[int]:
+    """A shuffle of ``indices`` that is a pure function of (seed, epoch) (so a resumed run sees the
+    same order); a last batch of one image is left out (BatchNorm cannot train on it)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    idx = np.asarray(indices)
+    order = idx[torch.randperm(len(idx), generator=gen).numpy()].tolist()
+    if len(order) > 1 and len(order) % batch_size == 1:
+        order = order[:-1]
+    return order
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, loader, device: torch.device, progress: bool = False,
+                     desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled backbone features (not normalized) and labels of every batch, on ``device``."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    try:
+        for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            feats.append(backbone(x.to(device, non_blocking=True)).float())
+            labels.append(y.to(device))
+    finally:
+        backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------------------
+# Schedules, accuracy
+# ---------------------------------------------------------------------------------------
+
+
+def lr_factor(epoch: int, epochs: int, schedule: str, milestones: Sequence[int] = (), gamma: float = 0.1) -> float:
+    """Multiplier of every group's base LR during ``epoch`` (0-based): 'step' = gamma^(number of
+    milestones <= epoch), so lr ×0.1 from epoch 60 on with milestone 60; 'cosine' = half cosine
+    over the epochs; 'constant' = 1."""
+    if schedule == "step":
+        return gamma ** sum(1 for m in milestones if epoch >= m)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"schedule must be 'step', 'cosine' or 'constant', got {schedule!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, schedule: str, milestones: Sequence[int] = (),
+                    gamma: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch scheduler (call ``.step()`` after each epoch); each param group keeps its own base LR."""
+    lr_factor(0, epochs, schedule, milestones, gamma)  # validates the schedule name
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: lr_factor(e, epochs, schedule, tuple(milestones), gamma))
+
+
+def check_milestones(milestones: Sequence[int], epochs: int) -> None:
+    if any(m <= 0 for m in milestones) or list(milestones) != sorted(milestones):
+        raise SystemExit(f"mixfast: --milestones must be increasing positive epochs, got {list(milestones)}")
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> list[int]:
+    top = logits.topk(max(ks), dim=1).indices
+    hit = top == labels[:, None]
+    return [int(hit[:, :k].any(1).sum()) for k in ks]
+
+
+@dataclass
+class Accuracy:
+    """Running top-1 / top-5 (top-5 only when there are more than 5 classes)."""
+
+    num_classes: int
+    n: int = 0
+    loss_sum: float = 0.0
+    correct: list = field(default_factory=lambda: [0, 0])
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        ks = (1, 5) if self.num_classes > 5 else (1,)
+        for i, c in enumerate(topk_correct(logits, labels, ks)):
+            self.correct[i] += c
+        self.loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        self.n += labels.numel()
+
+    def result(self) -> dict:
+        out = {"top1": 100.0 * self.correct[0] / max(1, self.n), "loss": self.loss_sum / max(1, self.n)}
+        if self.num_classes > 5:
+            out["top5"] = 100.0 * self.correct[1] / max(1, self.n)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs and resumable state
+# ---------------------------------------------------------------------------------------
+
+
+class EpochLog:
+    """Appends one JSON record per epoch to ``<out>/metrics.jsonl``."""
+
+    def __init__(self, out: str, name: str):
+        os.makedirs(out, exist_ok=True)
+        self.path = os.path.join(out, "metrics.jsonl")
+        self.name = name
+
+    def log(self, epoch: int, metrics: dict) -> None:
+        record = {"time": time.time(), "command": self.name, "epoch": epoch, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_json(path: str, obj: dict) -> str:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+STATE_NAME = "state.pt"
+
+
+def save_state(out: str, state: dict) -> None:
+    """Atomically (write, then rename): a run killed while saving keeps the previous epoch."""
+    path = os.path.join(out, STATE_NAME)
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_state(out: str, hyper: dict, resume: str) -> Optional[dict]:
+    """The saved per-epoch state when resuming ('auto'), after checking it belongs to the same
+    hyper-parameters; None for a fresh start ('none' or nothing saved)."""
+    path = os.path.join(out, STATE_NAME)
+    if resume == "none" or not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state.get("hyper")
+    if saved != json.loads(json.dumps(hyper)):
+        diff = sorted(k for k in set(saved or {}) | set(hyper) if (saved or {}).get(k) != hyper.get(k))
+        raise SystemExit(f"mixfast: {path} was saved by a run with other settings ({', '.join(diff)}); "
+                         f"use another --out or --resume none to start over")
+    return state
+
+
+def base_record(name: str, source: BackboneSource, cfg: RunConfig, data: LabelledData) -> dict:
+    return {"command": name, "source": source.describe(),
+            "model": {"arch": cfg.model.arch, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem},
+            "data": {**{k: v for k, v in dump_config(cfg)["data"].items()
+                        if k in ("name", "root", "train_split", "val_split", "image_size", "augmentation")},
+                     "num_classes": data.num_classes, "train_images": len(data.train), "test_images": len(data.test)}}
