@@ -98,9 +98,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--recipe", default="mocov2", choices=["mocov2", "mocov1", "cifar"])
-    ap.add_argument("--steps", type=int, default=17, help="batches per segment (the first --skip untimed)")
-    ap.add_argument("--skip", type=int, default=5,
-                    help="untimed batches at the start of each segment (> the torch queue, 2 x workers batches)")
+    ap.add_argument("--steps", type=int, default=20, help="batches per segment (the first --skip untimed)")
+    ap.add_argument("--skip", type=int, default=8,
+                    help="untimed batches at the start of each segment: long enough for the other loader to finish "
+                         "the batches it had queued (the torch DataLoader keeps 2 x workers batches in flight)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prefetch", type=int, default=2, help="DALI prefetch queue depth")
     ap.add_argument("--dali-device", default="cpu", choices=["cpu", "gpu"])
