@@ -13,7 +13,9 @@ Method: the loaders are timed in turn in one process, one segment of ``--steps``
 each per round, the order shuffled every round, for ``--rounds`` rounds; the load of other
 jobs on a shared machine then hits both alike, so their ratio is what to read. The first
 ``--skip`` batches of each segment are not timed: they may come from the prefetch queue
-filled while the other loader ran. images/s = timed images / timed seconds, summed over
+filled while the other loader ran, and meanwhile the other loader finishes the batches it
+had in flight (the torch DataLoader keeps 2 per worker), so little of its work lands in
+the timed part. images/s = timed images / timed seconds, summed over
 rounds; p20/p80 spread over the per-round rates.
 
 ``--make-tree N`` writes N JPEGs of about 500x375 (the size of an average ImageNet
@@ -167,7 +169,9 @@ def main(argv=None) -> None:
     table = render_table(rows, columns)
     tag = args.tag or f"{env['device_type']}-{'-'.join(str(w) for w in sorted({r['workers'] for r in rows}))}workers"
     jpath, _ = write_results("data", rows, env, tag=tag)
-    md = (f"{env_line(env)} Load average (1 min) at the start: {env.get('load_avg_1m')}.\n\n"
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    md = (f"{env_line(env)} Load average (1 min): {env.get('load_avg_1m') or float('nan'):.1f} at the start, "
+          f"{load_end:.1f} at the end (other jobs share this machine: read the ratios).\n\n"
           f"{n_files} JPEGs of about 500x375 (mean {mean_kb:.0f} KiB), two {args.recipe} views of "
           f"{args.image_size} px per image, batch {args.batch}; {args.rounds} rounds of {args.steps - args.skip} "
           f"timed batches per loader, interleaved in one process (method: benchmarks/bench_data.py docstring).\n\n"

@@ -246,7 +246,9 @@ class DaliTwoViewLoader:
         tail_only = batch == 0 and self._pos == (epoch - 1, self.steps_per_epoch) and \
             behind == self.reader_batches_per_epoch - self.steps_per_epoch
         if behind > 0 and not tail_only:
-            warnings.warn(f"DALI loader: fast-forwarding {behind} batches to epoch {epoch}, batch {batch}", stacklevel=3)
+            warnings.warn(f"DALI loader: fast-forwarding {behind} batches to epoch {epoch}, batch {batch} (no saved "
+                          f"pipeline state for this position: the skipped batches are decoded and dropped)",
+                          stacklevel=3)
         while self._absolute(self._pos) < target:
             self._run()
 
