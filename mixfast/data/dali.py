@@ -260,8 +260,8 @@ class DaliTwoViewLoader:
 
     # --- iteration --------------------------------------------------------------------------
     def _to_torch(self, tensor_list) -> torch.Tensor:
-        """A torch copy of a DALI output batch (DALI reuses its buffers on the next run), cast
-        to ``dtype`` in the same pass; NHWC buffers become channels_last NCHW tensors."""
+        """A DALI output batch as a torch tensor of ``dtype`` (a cast is one pass that also
+        copies); NHWC buffers become channels_last NCHW tensors."""
         dense = tensor_list.as_tensor()
         with torch.cuda.device(self.out_device) if self.out_device.type == "cuda" else _no_context():
             view = torch.from_dlpack(dense)
@@ -269,7 +269,10 @@ class DaliTwoViewLoader:
             view = view.permute(0, 3, 1, 2)
         if self.dtype != view.dtype:
             return view.to(self.dtype)  # new tensor, strides preserved
-        return view.clone()
+        # DALI's dynamic executor (the default) does not reuse an output buffer that is still
+        # referenced, so the tensor may be handed out as it is (DALI's own torch iterator
+        # does the same); the legacy executor recycles its buffers: copy.
+        return view if self._pipe.exec_dynamic else view.clone()
 
     def __iter__(self) -> Iterator[dict]:
         epoch, first = self.epoch, self.start_batch
