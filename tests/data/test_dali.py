@@ -238,3 +238,33 @@ def test_trainer_with_dali_resumes_and_counts_skipped_images(tmp_path):
     assert sorted(reference) == sorted(resumed) == list(range(1, 8))  # 120 // 16 steps
     for step in reference:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_two_ranks_under_the_deepspeed_launcher_keep_both_pipeline_states(tmp_path):
+    """Two ranks with data.loader=dali: the file check is split across ranks and gathered, and
+    the checkpoint (written by rank 0 only) holds both ranks' DALI states."""
+    import socket
+
+    root = tmp_path / "tree"
+    write_tree(root, corrupt=1)
+    out = tmp_path / "out"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = ["data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.num_workers=1",
+            "data.loader=dali", "model.width=8", "train.batch_size=16", "method.queue_size=32", "train.max_steps=2",
+            "train.checkpoint_every_steps=2", "log.tensorboard=false", "log.progress=false", "log.image_grid=false",
+            "eval.knn_at_start=false", "eval.knn_k=5", f"train.output_dir={out}"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "mixfast" / "train.py"), "--config", str(REPO / "configs" / "demo.json")]
+    for item in sets:
+        cmd += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and "skipped 1 unreadable images" in proc.stdout  # bad file 0 -> rank 0
+    client = torch.load(out / "checkpoints" / "step000000002" / "mp_rank_00_model_states.pt", weights_only=False)
+    state = client["mixfast_loader"]
+    assert state["world_size"] == 2 and [r["position"] for r in state["ranks"]] == [[0, 2], [0, 2]]
+    assert all(isinstance(r["dali"], bytes) for r in state["ranks"]) and state["ranks"][0]["dali"] != state["ranks"][1]["dali"]
