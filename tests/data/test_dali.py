@@ -268,3 +268,18 @@ def test_two_ranks_under_the_deepspeed_launcher_keep_both_pipeline_states(tmp_pa
     state = client["mixfast_loader"]
     assert state["world_size"] == 2 and [r["position"] for r in state["ranks"]] == [[0, 2], [0, 2]]
     assert all(isinstance(r["dali"], bytes) for r in state["ranks"]) and state["ranks"][0]["dali"] != state["ranks"][1]["dali"]
+
+
+@pytest.mark.gpu
+def test_mixed_decode_on_the_gpu_matches_the_cpu_pipeline(tree):
+    """device='gpu' (decoders device='mixed'): CUDA bf16 channels_last views, the same files in
+    the same order as the CPU pipeline, and matching statistics (issue 5 item 3's code path)."""
+    gpu = loader(tree, batch=40, device="gpu", device_id=0, dtype=torch.bfloat16, channels_last=True)
+    cpu = loader(tree, batch=40)
+    got, want = epoch_batches(gpu, 0), epoch_batches(cpu, 0)
+    assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in want]
+    x = got[0]["x1"]
+    assert x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
+    mean_gpu = torch.cat([b["x1"].float().cpu() for b in got]).mean(dim=(0, 2, 3))
+    mean_cpu = torch.cat([b["x1"] for b in want]).mean(dim=(0, 2, 3))
+    assert torch.allclose(mean_gpu, mean_cpu, atol=0.2), (mean_gpu, mean_cpu)
