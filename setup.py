@@ -107,13 +107,14 @@ setup(
         "scikit-learn",  # the built-in demo data set (load_digits' file ships inside it)
         "tensorboard",
         "tqdm",
+        # DALI pre-training pipelines (mixfast/data/dali.py); its CPU pipelines run without a GPU.
+        "nvidia-dali-cuda130",
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
         # triton: the Triton kernels' parity tests run in its CPU interpreter.
         "dev": ["pytest>=8", "deepspeed>=0.16", "triton>=3.0"],
         "triton": ["triton>=3.0"],
-        "dali": ["nvidia-dali-cuda120"],
     },
     entry_points={"console_scripts": ["mixfast-train=mixfast.train:main"]},
 )

@@ -126,13 +126,15 @@ class MixingConfig(Section):
 
 
 # Data sets read from data.root; the others are generated in memory.
-DISK_DATASETS = ("imagefolder", "cifar10", "cifar100")
+DISK_DATASETS = ("imagefolder", "tinyimagenet", "imagenet100", "cifar10", "cifar100", "stl10")
 
 
 class DataConfig(Section):
-    name: Literal["imagefolder", "cifar10", "cifar100", "demo", "synthetic"] = Field(
-        "imagefolder", description="Data set: ImageFolder tree (ImageNet, Tiny-ImageNet), CIFAR python pickles, the built-in demo, or random tensors.")
-    root: Optional[str] = Field(None, description="Data set directory (required for imagefolder/cifar*).")
+    name: Literal["imagefolder", "tinyimagenet", "imagenet100", "cifar10", "cifar100", "stl10", "demo", "synthetic"] = Field(
+        "imagefolder", description="Data set: an ImageFolder tree (ImageNet-1K), Tiny-ImageNet as distributed, ImageNet-100 "
+                                   "(an ImageNet tree restricted by data.class_list), CIFAR python pickles, STL-10 binaries "
+                                   "(pre-training on train+unlabeled), the built-in demo, or random tensors. Layouts: README 'Data sets'.")
+    root: Optional[str] = Field(None, description="Data set directory (required for every data set but demo/synthetic).")
     train_split: str = Field("train", description="Sub-directory (ImageFolder) used for pre-training and the kNN memory bank.")
     val_split: str = Field("val", description="Sub-directory (ImageFolder) used for kNN evaluation.")
     image_size: int = Field(224, ge=8, description="Crop size of both views.")
@@ -141,7 +143,19 @@ class DataConfig(Section):
     crop_min_scale: Optional[float] = Field(
         None, gt=0.0, le=1.0, description="Lower bound of RandomResizedCrop's scale; null = the recipe's (0.2 MoCo, 0.08 CIFAR).")
     hflip: bool = Field(True, description="Random horizontal flip in both views (off for non-mirror-symmetric data such as digits).")
-    num_workers: int = Field(8, ge=0, description="DataLoader worker processes per rank.")
+    num_workers: int = Field(8, ge=0, description="DataLoader worker processes per rank (torch loader and kNN loaders).")
+    class_list: Optional[str] = Field(
+        None, description="imagenet100: file with one ImageNet wnid per line; those class folders of train_split/val_split are used.")
+    loader: Literal["auto", "dali", "torch"] = Field(
+        "auto", description="Pre-training loader: 'dali' (NVIDIA DALI pipelines, JPEG trees only), 'torch' (PIL + DataLoader), "
+                            "'auto' = dali when DALI is importable and the data set is a JPEG tree (imagefolder, "
+                            "tinyimagenet, imagenet100), else torch.")
+    dali_device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where the DALI pipeline decodes and augments: 'gpu' (decoders device='mixed'), 'cpu' "
+                            "(device_id=None), 'auto' = gpu when the trainer runs on CUDA.")
+    dali_threads: Optional[int] = Field(
+        None, ge=1, description="DALI CPU threads per rank; null = data.num_workers (at least 1).")
+    dali_prefetch: int = Field(2, ge=1, description="DALI prefetch queue depth (batches decoded ahead of the trainer).")
     synthetic_size: int = Field(512, ge=1, description="Number of images of the synthetic data set.")
     num_classes: int = Field(10, ge=1, description="Classes of the synthetic data set.")
 
@@ -233,6 +247,11 @@ class RunConfig(Section):
     def _check_data_root(self):
         if self.data.name in DISK_DATASETS and not self.data.root:
             raise ValueError(f"data.root is required for data.name={self.data.name!r}")
+        if self.data.name == "imagenet100" and not self.data.class_list:
+            raise ValueError("data.class_list is required for data.name='imagenet100' (one wnid per line)")
+        if self.data.loader == "dali" and self.data.name not in ("imagefolder", "tinyimagenet", "imagenet100"):
+            raise ValueError(f"data.loader='dali' reads JPEG trees (imagefolder, tinyimagenet, imagenet100); "
+                             f"use 'torch' or 'auto' for data.name={self.data.name!r}")
         return self
 
 

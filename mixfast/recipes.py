@@ -68,7 +68,7 @@ def _variants(grid: int) -> dict[str, tuple[str, dict]]:
 _SMALL_DATA = {
     "cifar100": {"data": {"name": "cifar100", "root": "/data/cifar-100-python", "image_size": 32,
                           "augmentation": "cifar"}},
-    "tinyimagenet": {"data": {"name": "imagefolder", "root": "/data/tiny-imagenet-200", "image_size": 64,
+    "tinyimagenet": {"data": {"name": "tinyimagenet", "root": "/data/tiny-imagenet-200", "image_size": 64,
                               "augmentation": "cifar"}},
 }
 _SMALL_GRID = {"cifar100": 2, "tinyimagenet": 4}  # SPEC §1: grid 2 (CIFAR), 4 (Tiny)

@@ -24,7 +24,7 @@ import mixfast  # noqa: F401  (torchvision compatibility shim first)
 import torch
 
 from mixfast.config import ConfigError, RunConfig, dump_config, load_config, to_deepspeed_config
-from mixfast.data import build_datasets, build_eval_loader, build_train_loader
+from mixfast.data import build_datasets, build_eval_loader, build_pretrain_loader
 from mixfast.engine import checkpoint
 from mixfast.engine import distributed as dist_utils
 from mixfast.engine.checkpoint import TrainState
@@ -70,8 +70,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
         self.data = build_datasets(cfg.data)
-        self.train_loader = build_train_loader(self.data.train, self.per_rank_batch, self.rank, self.world,
-                                               cfg.train.seed, cfg.data.num_workers)
+        # torch DataLoader or DALI pipeline (data.loader); the DALI one has state_dict() for the checkpoint
+        self.train_loader = build_pretrain_loader(cfg, self.data, self.per_rank_batch, self.rank, self.world, device)
         self.steps_per_epoch = len(self.train_loader.sampler) // self.per_rank_batch
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the data set "
@@ -89,7 +89,8 @@ class Trainer:
             model=trained, optimizer=optimizer, lr_scheduler=scheduler, config=to_deepspeed_config(cfg, self.world))
 
         self.logger = MetricsLogger(cfg.train.output_dir, cfg.log.tensorboard)
-        self.state = checkpoint.resume(self.engine, self.method, cfg.train.output_dir, cfg.train.resume) or TrainState()
+        self.state = checkpoint.resume(self.engine, self.method, cfg.train.output_dir, cfg.train.resume,
+                                       loader=self.train_loader) or TrainState()
 
     # --- evaluation -------------------------------------------------------------------
     def knn(self) -> float:
@@ -113,7 +114,7 @@ class Trainer:
     # --- training -----------------------------------------------------------------------
     def save(self, tag: str | None = None, save_latest: bool = True) -> str:
         return checkpoint.save(self.engine, self.method, self.state, self.cfg.train.output_dir,
-                               self.cfg.train.keep_checkpoints, tag, save_latest)
+                               self.cfg.train.keep_checkpoints, tag, save_latest, loader=self.train_loader)
 
     def _budget(self) -> int:
         return min(self.total_steps, self.cfg.train.max_steps or self.total_steps)

@@ -6,6 +6,8 @@ from mixfast.data.datasets import (
     DigitsDemo,
     EvalDataset,
     SafeImageFolder,
+    SafeImageList,
+    STL10Binary,
     SyntheticImages,
     TwoViewDataset,
     build_datasets,
@@ -13,6 +15,8 @@ from mixfast.data.datasets import (
 from mixfast.data.loader import (
     ResumableDistributedSampler,
     SeededSampler,
+    build_pretrain_loader,
+    choose_loader,
     build_eval_loader,
     build_train_loader,
     collate_eval,
@@ -21,9 +25,9 @@ from mixfast.data.loader import (
 from mixfast.data.transforms import MEAN_STD, RECIPES, TwoViews, eval_transform, two_view_transform
 
 __all__ = [
-    "CIFARPickle", "Datasets", "DigitsDemo", "EvalDataset", "SafeImageFolder", "SyntheticImages",
+    "CIFARPickle", "Datasets", "DigitsDemo", "EvalDataset", "SafeImageFolder", "SafeImageList", "STL10Binary", "SyntheticImages",
     "TwoViewDataset", "build_datasets",
-    "ResumableDistributedSampler", "SeededSampler", "build_eval_loader", "build_train_loader", "collate_eval",
+    "ResumableDistributedSampler", "SeededSampler", "build_pretrain_loader", "choose_loader", "build_eval_loader", "build_train_loader", "collate_eval",
     "collate_two_views",
     "MEAN_STD", "RECIPES", "TwoViews", "eval_transform", "two_view_transform",
 ]

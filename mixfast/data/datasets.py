@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from mixfast.config import DataConfig
+from mixfast.data import files as file_lists
 from mixfast.data.transforms import TwoViews, eval_transform, two_view_transform
 
 Sample = Optional[tuple[Image.Image, int]]
@@ -111,6 +112,85 @@ class SafeImageFolder(ImageFolder):
             warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=2)
             return None
         return image, label
+
+
+class SafeImageList(Dataset):
+    """Like ``SafeImageFolder`` over a ``mixfast.data.files.FileList`` (Tiny-ImageNet,
+    ImageNet-100, ...): ``samples``/``classes`` as in ImageFolder, unreadable files -> ``None``."""
+
+    def __init__(self, files: file_lists.FileList):
+        self.samples, self.classes = files.samples, files.classes
+        self.targets = [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    __getitem__ = SafeImageFolder.__getitem__
+
+
+# ---------------------------------------------------------------------------------------
+# STL-10 (official binary layout)
+# ---------------------------------------------------------------------------------------
+
+_STL10_SIDE = 96
+_STL10_SPLITS = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin"),
+                 "unlabeled": ("unlabeled_X.bin", None)}
+
+
+def stl10_dir(root: str) -> str:
+    """``root/stl10_binary`` (as the archive unpacks), or ``root`` itself if it holds the .bin files."""
+    inner = os.path.join(root, "stl10_binary")
+    return inner if os.path.isdir(inner) else root
+
+
+class STL10Binary(Dataset):
+    """STL-10 from ``stl10_binary/*.bin``: uint8 images of 3x96x96 stored channel by channel,
+    each channel column-major (as the official files); labels 1..10 on disk -> 0..9 here,
+    -1 for the unlabelled split. ``split`` is 'train', 'test', 'unlabeled' or
+    'train+unlabeled' (the pre-training set: 5,000 labelled + 100,000 unlabelled images).
+    Images are memory-mapped, so the 2.7 GB unlabelled file is not read into memory."""
+
+    num_classes = 10
+
+    def __init__(self, root: str, split: str):
+        parts = split.split("+")
+        if not parts or any(p not in _STL10_SPLITS for p in parts):
+            raise ValueError(f"STL-10 split must be train, test, unlabeled or train+unlabeled, got {split!r}")
+        folder = stl10_dir(root)
+        self.chunks, labels = [], []
+        side2 = 3 * _STL10_SIDE * _STL10_SIDE
+        for part in parts:
+            x_name, y_name = _STL10_SPLITS[part]
+            x_path = os.path.join(folder, x_name)
+            file_lists.require_file(x_path, f"STL-10 {part} images")
+            size = os.path.getsize(x_path)
+            if size % side2:
+                raise ValueError(f"{x_path}: {size} bytes is not a whole number of 3x96x96 images")
+            images = np.memmap(x_path, dtype=np.uint8, mode="r", shape=(size // side2, 3, _STL10_SIDE, _STL10_SIDE))
+            if y_name is None:
+                part_labels = np.full(len(images), -1, dtype=np.int64)
+            else:
+                y_path = os.path.join(folder, y_name)
+                file_lists.require_file(y_path, f"STL-10 {part} labels")
+                part_labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64) - 1
+                if len(part_labels) != len(images):
+                    raise ValueError(f"{y_path}: {len(part_labels)} labels for {len(images)} images in {x_path}")
+            self.chunks.append(images)
+            labels.append(part_labels)
+        self.labels = np.concatenate(labels).tolist()
+        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image_array(self, index: int) -> np.ndarray:
+        """[96, 96, 3] uint8 (rows, columns, RGB)."""
+        chunk = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        # [c, column, row] on disk -> [row, column, c]
+        return np.ascontiguousarray(self.chunks[chunk][index - self.offsets[chunk]].transpose(2, 1, 0))
+
+    def __getitem__(self, index: int) -> Sample:
+        return Image.fromarray(self.image_array(index)), self.labels[index]
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,6 +333,14 @@ def _base_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
         train = SafeImageFolder(os.path.join(cfg.root, cfg.train_split))
         test = SafeImageFolder(os.path.join(cfg.root, cfg.val_split))
         return train, test, len(train.classes)
+    if cfg.name in ("tinyimagenet", "imagenet100"):
+        train = SafeImageList(file_lists.jpeg_tree(cfg.name, cfg.root, cfg.train_split, cfg.class_list, train=True))
+        test = SafeImageList(file_lists.jpeg_tree(cfg.name, cfg.root, cfg.val_split, cfg.class_list, train=False))
+        return train, test, len(train.classes)
+    if cfg.name == "stl10":
+        # Pre-training reads train+unlabeled; the kNN monitor uses the labelled train split
+        # as memory bank (see build_datasets) and test as queries.
+        return STL10Binary(cfg.root, "train+unlabeled"), STL10Binary(cfg.root, "test"), STL10Binary.num_classes
     if cfg.name in ("cifar10", "cifar100"):
         num_classes = 10 if cfg.name == "cifar10" else 100
         return (CIFARPickle(cfg.root, True, num_classes), CIFARPickle(cfg.root, False, num_classes),
@@ -272,9 +360,11 @@ def build_datasets(data_cfg: DataConfig) -> Datasets:
     train, test, num_classes = _base_splits(data_cfg)
     recipe, size = data_cfg.augmentation, data_cfg.image_size
     evaluate = eval_transform(recipe, size)
+    # STL-10: the unlabelled images (label -1) cannot vote in the kNN monitor.
+    bank = STL10Binary(data_cfg.root, "train") if data_cfg.name == "stl10" else train
     return Datasets(
         train=TwoViewDataset(train, two_view_transform(recipe, size, data_cfg.crop_min_scale, data_cfg.hflip)),
-        knn_train=EvalDataset(train, evaluate),
+        knn_train=EvalDataset(bank, evaluate),
         knn_test=EvalDataset(test, evaluate),
         num_classes=num_classes,
     )

@@ -127,3 +127,31 @@ def build_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> Da
     """Sequential kNN loader yielding ``(x, label)``; keeps the last partial batch."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
                       collate_fn=collate_eval, **_worker_options(num_workers))
+
+
+def choose_loader(data_cfg) -> str:
+    """'dali' or 'torch' for ``data.loader`` (see its description in mixfast.config)."""
+    from mixfast.data.dali import dali_available
+    from mixfast.data.files import JPEG_TREES
+
+    if data_cfg.loader == "auto":
+        return "dali" if data_cfg.name in JPEG_TREES and dali_available() else "torch"
+    if data_cfg.loader == "dali" and not dali_available():
+        raise RuntimeError("data.loader='dali' but NVIDIA DALI cannot be imported (pip install nvidia-dali-cuda130)")
+    return data_cfg.loader
+
+
+def build_pretrain_loader(cfg, datasets, batch_size_per_rank: int, rank: int, world_size: int, device: torch.device):
+    """The trainer's loader for ``cfg.data.loader``: a DataLoader over ``datasets.train`` or a
+    ``DaliTwoViewLoader`` over the same files. Both yield the same batch dicts and both are
+    positioned with ``loader.sampler.set_epoch(epoch, start)``; the DALI loader also has
+    ``state_dict()`` / ``load_state_dict()`` for the checkpoint."""
+    if choose_loader(cfg.data) == "torch":
+        return build_train_loader(datasets.train, batch_size_per_rank, rank, world_size, cfg.train.seed,
+                                  cfg.data.num_workers)
+    from mixfast.data.dali import build_dali_loader
+
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    return build_dali_loader(cfg.data, datasets.train.base.samples, batch_size=batch_size_per_rank, rank=rank,
+                             world_size=world_size, seed=cfg.train.seed, device=device, dtype=dtype,
+                             channels_last=cfg.model.channels_last)

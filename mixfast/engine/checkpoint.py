@@ -55,7 +55,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(engine, method, state: TrainState, output_dir: str, keep: int, tag: Optional[str] = None,
-         save_latest: bool = True) -> str:
+         save_latest: bool = True, loader=None) -> str:
     """Every rank must call this (DeepSpeed's rule). Returns the tag."""
     tag = tag or f"step{state.step:09d}"
     client_state = {
@@ -63,6 +63,8 @@ def save(engine, method, state: TrainState, output_dir: str, keep: int, tag: Opt
         "mixfast_method": {"name": method.cfg.method.name, "state": method.state_dict()},
         "mixfast_rng": _rng_state(),
     }
+    if hasattr(loader, "state_dict"):  # the DALI loader: its pipelines' checkpoints (every rank's)
+        client_state["mixfast_loader"] = loader.state_dict()
     engine.save_checkpoint(checkpoint_dir(output_dir), tag=tag, client_state=client_state, save_latest=save_latest)
     if dist_utils.is_main():
         _prune(checkpoint_dir(output_dir), keep)
@@ -76,7 +78,7 @@ def _prune(ckpt_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
-def resume(engine, method, output_dir: str, how: str) -> Optional[TrainState]:
+def resume(engine, method, output_dir: str, how: str, loader=None) -> Optional[TrainState]:
     """Load per `train.resume` ('auto' | 'none' | tag). Returns the state, or None for a fresh run."""
     if how == "none":
         return None
@@ -98,4 +100,6 @@ def resume(engine, method, output_dir: str, how: str) -> Optional[TrainState]:
                            f"this run is method.name={method.cfg.method.name!r}; use another train.output_dir")
     method.load_state_dict(saved["state"])
     _set_rng_state(client["mixfast_rng"])
+    if hasattr(loader, "load_state_dict") and "mixfast_loader" in client:
+        loader.load_state_dict(client["mixfast_loader"])
     return TrainState(**client["mixfast_train_state"])
