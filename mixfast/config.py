@@ -575,13 +575,18 @@ def _bounds_label(field: FieldInfo) -> str:
 README_BEGIN, README_END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 
 
+def replace_marked_block(text: str, begin: str, end: str, content: str) -> str:
+    """`text` with the part between the `begin` and `end` marker lines replaced by `content`."""
+    if begin not in text or end not in text:
+        raise ValueError(f"markers {begin} / {end} not found")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{content.strip()}\n{end}{tail}"
+
+
 def replace_reference_block(text: str) -> str:
     """`text` with the part between the README markers replaced by the current reference."""
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"markers {README_BEGIN} / {README_END} not found")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_BEGIN}\n{config_reference_markdown().strip()}\n{README_END}{tail}"
+    return replace_marked_block(text, README_BEGIN, README_END, config_reference_markdown())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

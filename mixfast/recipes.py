@@ -21,9 +21,9 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-from mixfast.config import RunConfig, dump_config
+from mixfast.config import RunConfig, dump_config, replace_marked_block
 
 
 @dataclass(frozen=True)
@@ -256,11 +256,7 @@ def readme_table() -> str:
 
 
 def replace_readme_table(text: str) -> str:
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"markers {README_BEGIN} / {README_END} not found")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_BEGIN}\n{readme_table()}\n{README_END}{tail}"
+    return replace_marked_block(text, README_BEGIN, README_END, readme_table())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -474,6 +474,19 @@ def load_state(out: str, hyper: dict, resume: str) -> Optional[dict]:
     return state
 
 
+def resume_training(out: str, hyper: dict, how: str, key: str, module, optimizer, scheduler) -> tuple[int, list]:
+    """Restore `module` (saved under `key`), optimizer and scheduler from the per-epoch state
+    when resuming; returns (first epoch to run, metrics history so far)."""
+    state = load_state(out, hyper, how)
+    if state is None:
+        return 0, []
+    module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    info(f"resuming from {os.path.join(out, STATE_NAME)} at epoch {state['epoch']}")
+    return state["epoch"], state["history"]
+
+
 def base_record(name: str, source: BackboneSource, cfg: RunConfig, data: LabelledData) -> dict:
     return {"command": name, "source": source.describe(),
             "model": {"arch": cfg.model.arch, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem},

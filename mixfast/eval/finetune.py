@@ -147,14 +147,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = Classifier(backbone, data.num_classes).to(device)
     optimizer, scheduler = build_optimizer(model, args)
-    start_epoch, history = 0, []
-    state = common.load_state(out, hyper, args.resume)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], state["history"]
-        common.info(f"resuming from {os.path.join(out, common.STATE_NAME)} at epoch {start_epoch}")
+    start_epoch, history = common.resume_training(out, hyper, args.resume, "model", model, optimizer, scheduler)
 
     common.info(f"fine-tune on {args.labels}% of the labels ({len(indices)} of {len(data.train)} images, subset "
                 f"{subset_path}) of {source.weights} on {cfg.data.name}: {len(data.test)} val images, "

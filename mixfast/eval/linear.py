@@ -120,14 +120,7 @@ def main(argv=None) -> dict:
     classifier.to(device)
     optimizer, scheduler = build_optimizer(classifier, args)
 
-    start_epoch, history = 0, []
-    state = common.load_state(out, hyper, args.resume)
-    if state is not None:
-        classifier.load_state_dict(state["classifier"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], state["history"]
-        common.info(f"resuming from {os.path.join(out, common.STATE_NAME)} at epoch {start_epoch}")
+    start_epoch, history = common.resume_training(out, hyper, args.resume, "classifier", classifier, optimizer, scheduler)
 
     common.info(f"linear probe ({args.protocol}) of {source.weights} on {cfg.data.name}: {len(data.train)} train / "
                 f"{len(data.test)} val images, {data.num_classes} classes, feature dim {backbone.feature_dim}, "

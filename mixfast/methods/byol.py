@@ -19,7 +19,7 @@ from torch import nn
 
 from mixfast.config import RunConfig
 from mixfast.methods.base import Backward, StepResult, ema_update, frozen_copy, register
-from mixfast.methods.encoders import PredictorEncoder, build_predictor_encoder, finalize
+from mixfast.methods.encoders import PredictorEncoder, build_predictor_encoder, finalize, to_channels_last
 from mixfast.methods.losses import normalized_mse
 from mixfast.methods.simsiam import SimSiam
 
@@ -31,9 +31,7 @@ class TargetNetwork(nn.Module):
         self.channels_last = online.channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.head(self.backbone(x)).float()
+        return self.head(self.backbone(to_channels_last(x, self.channels_last))).float()
 
 
 class BYOL(SimSiam):

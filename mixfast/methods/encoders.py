@@ -12,7 +12,7 @@ from mixfast.config import RunConfig
 from mixfast.models import build_backbone, build_head, build_predictor
 
 
-def _to_channels_last(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def to_channels_last(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -25,7 +25,7 @@ class QueryEncoder(nn.Module):
         self.backbone, self.head, self.channels_last = backbone, head, channels_last
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(_to_channels_last(x, self.channels_last))).float(), dim=1)
+        return F.normalize(self.head(self.backbone(to_channels_last(x, self.channels_last))).float(), dim=1)
 
     def forward(self, *views: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.encode(v) for v in views)
@@ -41,7 +41,7 @@ class PredictorEncoder(nn.Module):
         self.backbone, self.head, self.predictor, self.channels_last = backbone, head, predictor, channels_last
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(_to_channels_last(x, self.channels_last)))
+        return self.head(self.backbone(to_channels_last(x, self.channels_last)))
 
     def forward(self, *views: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         out = []
