@@ -191,6 +191,13 @@ _DEMO = {
 
 
 def _demo_recipes() -> list[Recipe]:
+    # Learning rates of the non-contrastive demos come from a one-seed sweep at the demo budget
+    # (30 epochs, kNN top-1 on the demo val split; random-init encoder 83.89%):
+    #   SimSiam SGD lr 0.03/0.06/0.12/0.2 -> 90.6/89.7/95.8/92.5; Adam 2e-3 -> 89.2
+    #   BYOL Adam lr 5e-4/1e-3/2e-3/4e-3 -> 89.2/95.0/89.4/78.3; SGD 0.06/0.12 -> 92.5/83.3
+    #   MixSiam SGD lr 0.06/0.12/0.2 -> 88.1/95.0/95.3 (0.12 kept, SimSiam's)
+    # The val split is the one the kNN reports, so these rates are tuned on it; the paper-scale
+    # recipes above keep the papers' values.
     mm = _variants(4)["_mixmask"][1]
     entries = {
         "demo": ("MoCo v2 + MixMask + Un-Mix (make demo)", _merge(_variants(4)["_mixmask_unmix"][1], {
@@ -204,15 +211,15 @@ def _demo_recipes() -> list[Recipe]:
         "demo_byol": ("BYOL + MixMask", _merge(mm, {
             "model": {"head": "mlp_bn", "head_hidden_dim": 256, "predictor_hidden_dim": 256},
             "method": {"name": "byol", "momentum": 0.99, "momentum_schedule": "cosine"},
-            "optim": {"name": "adam", "lr": 0.002, "weight_decay": 1e-6, "warmup_epochs": 1.0}})),
+            "optim": {"name": "adam", "lr": 0.001, "weight_decay": 1e-6, "warmup_epochs": 1.0}})),
         "demo_simsiam": ("SimSiam + MixMask", _merge(mm, {
             "model": {"head": "simsiam", "head_hidden_dim": 256, "feature_dim": 256, "predictor_hidden_dim": 64},
             "method": {"name": "simsiam"},
-            "optim": {"name": "sgd", "lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1.0}})),
+            "optim": {"name": "sgd", "lr": 0.12, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1.0}})),
         "demo_mixsiam": ("MixSiam", _merge(_NO_MIXING, {
             "model": {"head": "simsiam", "head_hidden_dim": 256, "feature_dim": 256, "predictor_hidden_dim": 64},
             "method": {"name": "mixsiam"},
-            "optim": {"name": "sgd", "lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1.0}})),
+            "optim": {"name": "sgd", "lr": 0.12, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1.0}})),
     }
     return [Recipe(name, f"demo: {row}", _merge(_COMMON, _DEMO, s, {"train": {"output_dir": f"runs/{name}"}}))
             for name, (row, s) in entries.items()]
