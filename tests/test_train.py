@@ -112,6 +112,20 @@ def test_deepspeed_launcher_two_ranks_mixmask_unmix(tmp_path):
     assert (out / "mix_grid.png").exists()
 
 
+def test_deepspeed_launcher_two_ranks_simclr_gathers_across_ranks(tmp_path):
+    """SimCLR's differentiable all-gather under the real launcher (the math of the gathered
+    loss is checked against the single-process loss in test_simclr_ranks.py)."""
+    out = tmp_path / "simclr"
+    tiny = [o for o in TINY if not o.startswith("method.queue_size")]
+    proc = run_launcher("demo_simclr.json", out, [*tiny, "train.max_steps=3"], ranks=2)
+    assert "2 rank(s)" in proc.stdout
+    losses = losses_by_step(out)
+    assert sorted(losses) == [1, 2, 3] and all(v == v and v > 0 for v in losses.values())
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0 < record["train/lam_mixmask"] < 1
+    assert (out / "checkpoints" / "latest").exists()
+
+
 def test_imagenet_config_path_under_launcher(tmp_path):
     """configs/in1k_mixmask.json as shipped (ResNet-50, MLP head, bf16 autocast, block grid 8),
     data swapped for synthetic and sizes shrunk so it runs in seconds on CPU."""
