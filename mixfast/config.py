@@ -436,18 +436,18 @@ def to_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """The dict for ``deepspeed.initialize(config=...)``: defaults, the user's section, then derived keys."""
     _reject_derived_keys(cfg.deepspeed)
     _reject_deepspeed_precision(cfg.deepspeed)
-    ds = _deep_merge(DEEPSPEED_DEFAULTS, cfg.deepspeed)
+    ds = deep_merge(DEEPSPEED_DEFAULTS, cfg.deepspeed)
     ds.update(_batch_keys(cfg.train.batch_size, world_size))
     _set_precision(ds, cfg.train.precision)
     return ds
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """A copy of base with override merged in: nested dicts merge key by key, other values replace."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged

@@ -16,14 +16,14 @@ commented at the entry.
 from __future__ import annotations
 
 import argparse
-import copy
+import functools
 import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mixfast.config import RunConfig, dump_config, replace_marked_block
+from mixfast.config import RunConfig, deep_merge, dump_config, replace_marked_block
 
 
 @dataclass(frozen=True)
@@ -34,14 +34,8 @@ class Recipe:
 
 
 def _merge(base: dict, *overrides: dict) -> dict:
-    out = copy.deepcopy(base)
-    for override in overrides:
-        for key, value in override.items():
-            if isinstance(value, dict) and isinstance(out.get(key), dict):
-                out[key] = _merge(out[key], value)
-            else:
-                out[key] = copy.deepcopy(value)
-    return out
+    """`base` with each override deep-merged in, in order (config.deep_merge, folded)."""
+    return functools.reduce(deep_merge, overrides, base)
 
 
 _COMMON = {
