@@ -43,12 +43,7 @@ class SimCLR(Method):
 
     def training_step(self, engine, x1: torch.Tensor, x2: torch.Tensor, step: int, backward: Backward,
                       sequential: bool = False) -> StepResult:
-        branches, stats, images = self.mixtures(x1, step)
-        images.update(view1=x1, view2=x2)
-        pairs = [(br, 1) for br in branches]  # (branch, index of the view it is scored against)
-        if self.cfg.mixing.symmetrize and branches:
-            branches2, _, _ = self.mixtures(x2, step)  # same masks / λ / permutations, view 2
-            pairs += [(br, 0) for br in branches2]
+        pairs, stats, images = self.mixtures.pairs(x1, x2, step)
         with self.autocast(x1.device.type):
             feats = engine(x1, x2, *[br.x for br, _ in pairs])
         z = feats[:2]

@@ -26,15 +26,6 @@ class SimSiam(Method):
         super().__init__(cfg, rank, world_size)
         self.mixtures = Mixtures(cfg.mixing, cfg.train.seed, rank)
 
-    def mixed_pairs(self, x1, x2, step):
-        """[(branch, index of the view whose targets it predicts)], stats, images."""
-        branches, stats, images = self.mixtures(x1, step)
-        images.update(view1=x1, view2=x2)
-        pairs = [(br, 1) for br in branches]
-        if self.cfg.mixing.symmetrize and branches:
-            pairs += [(br, 0) for br in self.mixtures(x2, step)[0]]
-        return pairs, stats, images
-
     def targets(self, engine, x1, x2, online) -> tuple[torch.Tensor, torch.Tensor]:
         """What each view's prediction is compared with: the online projections (stop-gradient
         inside the distance)."""
@@ -47,7 +38,7 @@ class SimSiam(Method):
 
     def training_step(self, engine, x1: torch.Tensor, x2: torch.Tensor, step: int, backward: Backward,
                       sequential: bool = False) -> StepResult:
-        pairs, stats, images = self.mixed_pairs(x1, x2, step)
+        pairs, stats, images = self.mixtures.pairs(x1, x2, step)
         with self.autocast(x1.device.type):
             online = engine(x1, x2, *[br.x for br, _ in pairs])
             targets = self.targets(engine, x1, x2, online)

@@ -36,6 +36,7 @@ class Mixtures:
     def __init__(self, cfg: MixingConfig, seed: int, rank: int):
         self.mixmask = MixMaskMixer(cfg.mixmask, seed, rank) if cfg.mixmask.enabled else None
         self.unmix = UnMixer(cfg.unmix, seed, rank) if cfg.unmix.enabled else None
+        self.symmetrize = cfg.symmetrize
 
     @property
     def enabled(self) -> bool:
@@ -63,3 +64,16 @@ class Mixtures:
             stats["lam_mixmask"] = float(mm.pixel_lam.float().mean())
             images.update(mixmask=mm.mixed, mask=mm.masks, mixmask_perm=mm.perm)
         return branches, stats, images
+
+    def pairs(self, x1: torch.Tensor, x2: torch.Tensor,
+              step: int) -> tuple[list[tuple[MixedBranch, int]], dict, dict]:
+        """The branches of the SimCLR/BYOL/SimSiam step: [(branch, index of the view whose
+        targets it is scored against)], stats, images (both views included). View 1's
+        mixtures go against view 2; with `mixing.symmetrize` view 2 is mixed with the same
+        masks, λ and permutations and goes against view 1."""
+        branches, stats, images = self(x1, step)
+        images.update(view1=x1, view2=x2)
+        pairs = [(br, 1) for br in branches]
+        if self.symmetrize and branches:
+            pairs += [(br, 0) for br in self(x2, step)[0]]
+        return pairs, stats, images
