@@ -246,6 +246,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_schedule_args(parser: argparse.ArgumentParser) -> None:
+    """SGD and lr-schedule flags of the linear probe and fine-tune; None = the protocol's value."""
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--momentum", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--schedule", choices=["step", "cosine", "constant"], default=None)
+    parser.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where lr *= gamma (step)")
+    parser.add_argument("--gamma", type=float, default=None)
+
+
+def add_loop_args(parser: argparse.ArgumentParser) -> None:
+    """Flip, evaluation cadence and resume flags of the linear probe and fine-tune."""
+    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                        help="random flip in the train transform (default: the run's data.hflip)")
+    parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    parser.add_argument("--resume", choices=["auto", "none"], default="auto",
+                        help="auto: continue from <out>/state.pt when present")
+
+
 def setup(args: argparse.Namespace) -> tuple[BackboneSource, RunConfig, nn.Module, torch.device]:
     """Source, config and backbone from the common arguments; SystemExit with the message on errors."""
     try:

@@ -18,6 +18,7 @@ epoch are saved every epoch in ``<out>/state.pt``; the same command resumes ther
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -45,22 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--subset-seed", type=int, default=0, help="seed of the class-balanced subset")
     parser.add_argument("--subset-file", default=None,
                         help="read the subset from this file (one index or image path per line) instead")
-    parser.add_argument("--epochs", type=int, default=None)
+    common.add_schedule_args(parser)
     parser.add_argument("--lr-backbone", type=float, default=None)
     parser.add_argument("--lr-classifier", type=float, default=None)
-    parser.add_argument("--momentum", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--schedule", choices=["step", "cosine", "constant"], default=None)
-    parser.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where lr *= gamma (step)")
-    parser.add_argument("--gamma", type=float, default=None)
     parser.add_argument("--augment", choices=["auto", *common.AUGMENTS], default="auto",
                         help="train transform (auto: rrc above 64 px, crop below)")
-    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                        help="random flip in the train transform (default: the run's data.hflip)")
-    parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    parser.add_argument("--resume", choices=["auto", "none"], default="auto",
-                        help="auto: continue from <out>/state.pt when present")
+    common.add_loop_args(parser)
     args = parser.parse_args(argv)
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -139,8 +130,6 @@ def main(argv=None) -> dict:
     workers = cfg.data.num_workers
 
     indices, subset_path = choose_subset(args, data, out)
-    import hashlib
-
     digest = hashlib.sha256(",".join(map(str, indices.tolist())).encode()).hexdigest()[:16]
     hyper = hyper_parameters(args, digest)
 

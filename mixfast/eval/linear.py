@@ -49,23 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_common_args(parser)
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="imagenet",
                         help="hyper-parameter set (default imagenet = SPEC §6)")
-    parser.add_argument("--epochs", type=int, default=None)
+    common.add_schedule_args(parser)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--momentum", type=float, default=None)
-    parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--schedule", choices=["step", "cosine", "constant"], default=None)
-    parser.add_argument("--milestones", type=int, nargs="*", default=None, help="epochs where lr *= gamma (step)")
-    parser.add_argument("--gamma", type=float, default=None)
     parser.add_argument("--augment", choices=common.AUGMENTS, default=None,
                         help="train transform: rrc (RandomResizedCrop+flip), crop (RandomCrop pad+flip), none")
-    parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                        help="random flip in the train transform (default: the run's data.hflip)")
     parser.add_argument("--precompute", choices=["auto", "on", "off"], default="auto",
                         help="compute frozen features once (needs --augment none; auto = whenever it is none)")
-    parser.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    parser.add_argument("--resume", choices=["auto", "none"], default="auto",
-                        help="auto: continue from <out>/state.pt when present")
+    common.add_loop_args(parser)
     args = parser.parse_args(argv)
     for key, value in PROTOCOLS[args.protocol].items():
         if getattr(args, key) is None:
