@@ -12,10 +12,8 @@ tolerance; bf16 / fp16 at most 2x the error of eager PyTorch computing the same 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -515,19 +513,9 @@ def test_traces_into_one_graph_with_torch_compile(monkeypatch):
 
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU the triton cases run on the device, in this process")
 @pytest.mark.skipif(INTERPRETER, reason="this process already runs the triton cases under the interpreter")
-def test_triton_under_interpreter():
+def test_triton_under_interpreter(triton_cases_in_interpreter):
     """This file's triton-parametrized cases in a subprocess with TRITON_INTERPRET=1 (small sizes, CPU tensors)."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "triton",
-           "-x", "-W", "ignore::DeprecationWarning"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 50, f"too few triton cases ran under the interpreter:\n{tail}"
-    print(proc.stdout.strip().splitlines()[-1])
+    print(triton_cases_in_interpreter(__file__, min_passed=50))
 
 
 def _native_infonce():

@@ -16,10 +16,6 @@ set (``test_triton_cases_in_interpreter``); the variable never leaks into other 
 
 import importlib
 import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -528,19 +524,10 @@ def test_mixers_keep_their_results(monkeypatch, per_sample, random_partner):
 
 
 @pytest.mark.skipif(TRITON_HERE, reason="the triton cases run in this process")
-def test_triton_cases_in_interpreter():
+def test_triton_cases_in_interpreter(triton_cases_in_interpreter):
     """This file's triton cases in a subprocess with TRITON_INTERPRET=1 (CPU tensors, small sizes)."""
-    pytest.importorskip("triton")
-    repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "triton", "-x",
-           "-W", "ignore::DeprecationWarning", "-W", "ignore::RuntimeWarning"]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 30, f"too few triton cases ran under the interpreter:\n{tail}"
-    print(proc.stdout.strip().splitlines()[-1])
+    print(triton_cases_in_interpreter(__file__, min_passed=30,
+                                      ignore_warnings=("DeprecationWarning", "RuntimeWarning")))
 
 
 def test_cpu_output_cache_reuses_only_dead_outputs(monkeypatch):
