@@ -34,6 +34,7 @@ from mixfast.engine.progress import Progress
 from mixfast.engine.schedule import lr_multiplier
 from mixfast.eval.knn import knn_accuracy
 from mixfast.methods import build_method
+from mixfast.methods.base import StepResult
 from mixfast.models import export_torchvision_state_dict
 
 
@@ -89,6 +90,9 @@ class Trainer:
             model=trained, optimizer=optimizer, lr_scheduler=scheduler, config=to_deepspeed_config(cfg, self.world))
 
         self.logger = MetricsLogger(cfg.train.output_dir, cfg.log.tensorboard)
+        self._finite: torch.Tensor | None = None  # all losses since the last read finite (device flag)
+        self._last_result: StepResult | None = None
+        self._last_read_step = 0
         self.state = checkpoint.resume(self.engine, self.method, cfg.train.output_dir, cfg.train.resume,
                                        loader=self.train_loader) or TrainState()
 
@@ -112,7 +116,11 @@ class Trainer:
         return top1
 
     # --- training -----------------------------------------------------------------------
-    def save(self, tag: str | None = None, save_latest: bool = True) -> str:
+    def save(self, tag: str | None = None, save_latest: bool = True, checked: bool = True) -> str:
+        """A checkpoint of the current state; unless `checked=False`, first make sure no loss
+        since the last read was non-finite (a poisoned state is never saved as `latest`)."""
+        if checked:
+            self.check_finite()
         return checkpoint.save(self.engine, self.method, self.state, self.cfg.train.output_dir,
                                self.cfg.train.keep_checkpoints, tag, save_latest, loader=self.train_loader)
 
@@ -124,29 +132,24 @@ class Trainer:
         return self.device.type == "cpu" if choice == "auto" else choice
 
     def _backward(self, loss: torch.Tensor, is_last: bool) -> None:
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()}")
         if is_last or self.engine.zero_optimization_stage() > 0:
             self.engine.backward(loss)  # ZeRO >= 1: reduction deferred by coalesce_grad_reduction
         else:
             with self.engine.no_sync():  # ZeRO 0: reduce once, in the last part's backward
                 self.engine.backward(loss)
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict) -> StepResult:
+        """One optimizer step, issued without a host sync: losses and statistics stay on the
+        device until `read_metrics` (called every `log.every_steps` steps) reads them."""
         x1 = batch["x1"].to(self.device, non_blocking=True)
         x2 = batch["x2"].to(self.device, non_blocking=True)
         sequential = self._sequential_backward()
         coalesce = sequential and self.engine.zero_optimization_stage() > 0
-        try:
-            with self.engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
-                result = self.method.training_step(self.engine, x1, x2, self.state.step, self._backward, sequential)
-        except NonFiniteLoss as err:
-            # Checkpoint the state that produced it (not marked `latest`, so an automatic
-            # restart resumes from the last good checkpoint), then stop.
-            tag = self.save(tag=f"nonfinite_step{self.state.step:09d}", save_latest=False)
-            raise NonFiniteLoss(
-                f"{err} at step {self.state.step} (epoch {self.state.epoch}); state saved as checkpoint {tag!r} in "
-                f"{checkpoint.checkpoint_dir(self.cfg.train.output_dir)}. Lower optim.lr or check the data.") from None
+        with self.engine.coalesce_grad_reduction() if coalesce else contextlib.nullcontext():
+            result = self.method.training_step(self.engine, x1, x2, self.state.step, self._backward, sequential)
+        # Non-finite losses are noticed at the next read (a device flag, not a host check per step).
+        finite = torch.isfinite(result.loss)
+        self._finite = finite if self._finite is None else self._finite & finite
         if self.state.step == 0 and self.cfg.log.image_grid and dist_utils.is_main():
             path = save_mix_grid(result.images, os.path.join(self.cfg.train.output_dir, "mix_grid.png"),
                                  self.cfg.data.augmentation)
@@ -155,8 +158,33 @@ class Trainer:
         self.method.after_step(result)
         self.state.step += 1
         self.state.batch_in_epoch += 1
-        self.state.skipped_images += int(batch["skipped"])
-        return {"loss": result.loss.item(), "lr": self.engine.get_lr()[0], **result.stats}
+        self._last_result = result
+        return result
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if a loss since the last read was NaN/inf (reads the device flag)."""
+        if self._finite is not None and self._last_result is not None:
+            self.read_metrics(self._last_result)
+
+    def read_metrics(self, result: StepResult) -> dict:
+        """The step's loss and statistics as floats: the one deliberate host read, made every
+        `log.every_steps` steps and before each checkpoint. Raises NonFiniteLoss (after saving
+        the state as a `nonfinite_step…` checkpoint) if any loss since the last read was NaN/inf."""
+        names = [k for k, v in result.stats.items() if isinstance(v, torch.Tensor)]
+        flag = self._finite if self._finite is not None else torch.ones((), dtype=torch.bool, device=result.loss.device)
+        values = torch.stack([result.loss.float(), flag.float()] + [result.stats[k].float() for k in names]).tolist()
+        self._finite = None
+        if values[1] != 1.0:
+            first = self._last_read_step + 1
+            tag = self.save(tag=f"nonfinite_step{self.state.step:09d}", save_latest=False, checked=False)
+            raise NonFiniteLoss(
+                f"loss is {values[0]} (the first non-finite loss came between steps {first} and {self.state.step}, epoch "
+                f"{self.state.epoch}); state saved as checkpoint {tag!r} in "
+                f"{checkpoint.checkpoint_dir(self.cfg.train.output_dir)}. Lower optim.lr or check the data.")
+        self._last_read_step = self.state.step
+        stats = {k: v for k, v in result.stats.items() if not isinstance(v, torch.Tensor)}
+        stats.update(zip(names, values[2:]))
+        return {"loss": values[0], "lr": self.engine.get_lr()[0], **stats}
 
     def fit(self) -> None:
         cfg, state = self.cfg, self.state
@@ -174,12 +202,16 @@ class Trainer:
             self.train_loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * self.per_rank_batch)
             for batch in self.train_loader:
                 t0 = time.perf_counter()
-                metrics = self.train_step(batch)
-                progress.update(metrics, images=cfg.train.batch_size, seconds=time.perf_counter() - t0,
-                                epoch=state.epoch)
+                result = self.train_step(batch)
+                # the loader's count of unreadable files: host data, not a value on the device
+                state.skipped_images += int(batch["skipped"])
+                metrics = None
                 if state.step % cfg.log.every_steps == 0:
+                    metrics = self.read_metrics(result)
                     self.logger.log(state.step, {**metrics, "epoch": state.epoch,
                                                  "skipped_images": state.skipped_images})
+                progress.update(metrics, images=cfg.train.batch_size, seconds=time.perf_counter() - t0,
+                                epoch=state.epoch)
                 if state.step % cfg.train.checkpoint_every_steps == 0:
                     self.save()
                 if state.step >= budget:
@@ -194,6 +226,7 @@ class Trainer:
 
     def finish(self) -> dict:
         """Final kNN, last checkpoint, backbone export; returns the summary."""
+        self.check_finite()
         final = self._run_knn(self.state.epoch)
         self.save()
         summary = {"step": self.state.step, "epoch": self.state.epoch, "knn_top1": final,
@@ -231,9 +264,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f"mixfast: config error in {args.config}:\n{err}") from None
     try:
         trainer.fit()
+        return trainer.finish()
     except NonFiniteLoss as err:
         raise SystemExit(f"mixfast: {err}") from None
-    return trainer.finish()
 
 
 if __name__ == "__main__":

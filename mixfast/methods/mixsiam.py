@@ -39,7 +39,7 @@ class MixSiam(SimSiam):
         mix = self.mixed_target_loss(p_m, z1, z2)
         loss = ms.loss_lambda * siam + (1 - ms.loss_lambda) * mix
         backward(loss, True)
-        stats = {"loss_siam": float(siam.detach()), "loss_mix": float(mix.detach())}
+        stats = {"loss_siam": siam.detach(), "loss_mix": mix.detach()}
         return StepResult(loss.detach(), stats, {"view1": x1, "view2": x2, "mixsiam": x_m})
 
 

@@ -34,6 +34,7 @@ from mixfast.methods.base import Backward, Method, StepResult, ema_update, froze
 from mixfast.methods.encoders import QueryEncoder, build_query_encoder, finalize
 from mixfast.mixing.branches import Mixtures
 from mixfast.mixing.rng import STREAM_SHUFFLE_BN, step_generator
+from mixfast.ops.mix import to_device
 from mixfast.models import convert_to_split_bn
 
 __all__ = ["MoCo", "QueryEncoder", "QuerySet", "StepResult", "build_moco"]
@@ -57,7 +58,13 @@ class MoCo(Method):
         self.shuffle_bn = cfg.model.shuffle_bn and world_size > 1
         self.key_encoder = frozen_copy(query)
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        self.register_buffer("queue", F.normalize(torch.randn(m.queue_size, cfg.model.feature_dim, generator=gen), dim=1))
+        # The loss runs in the training dtype: with bf16 the queue is kept in bf16 (half the
+        # bytes the loss streams per step) and the queries and keys are cast to it, so the
+        # fused loss multiplies bf16 tiles on the tensor cores with fp32 accumulation and an
+        # fp32 log-sum-exp (error bound: ops.soft_infonce tests at this dtype).
+        loss_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        queue = F.normalize(torch.randn(m.queue_size, cfg.model.feature_dim, generator=gen), dim=1)
+        self.register_buffer("queue", queue.to(loss_dtype))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.mixtures = Mixtures(cfg.mixing, cfg.train.seed, rank)
 
@@ -83,10 +90,10 @@ class MoCo(Method):
         """
         gen = step_generator(self.cfg.train.seed, 0, STREAM_SHUFFLE_BN, step)
         if not self.shuffle_bn:
-            perm = torch.randperm(x.size(0), generator=gen).to(x.device)
+            perm = to_device(torch.randperm(x.size(0), generator=gen), x.device)
             return self.key_encoder.encode(x[perm])[torch.argsort(perm)]
         x_all = dist_utils.all_gather_cat(x)
-        perm = torch.randperm(x_all.size(0), generator=gen).to(x.device)
+        perm = to_device(torch.randperm(x_all.size(0), generator=gen), x.device)
         b = x.size(0)
         mine = perm[self.rank * b:(self.rank + 1) * b]
         k_all = dist_utils.all_gather_cat(self.key_encoder.encode(x_all[mine]))
@@ -94,11 +101,13 @@ class MoCo(Method):
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
-        keys = dist_utils.all_gather_cat(keys.float())
-        k, ptr = self.queue.size(0), int(self.queue_ptr)
-        idx = (ptr + torch.arange(keys.size(0), device=keys.device)) % k  # wraps; any batch size
-        self.queue[idx] = keys[-k:] if keys.size(0) > k else keys
-        self.queue_ptr.fill_((ptr + keys.size(0)) % k)
+        """Write the newest keys over the oldest, wrapping (any batch size). The pointer stays
+        on the device: no host read per step."""
+        keys = dist_utils.all_gather_cat(keys.float()).to(self.queue.dtype)  # gathered in fp32 (gloo has no bf16)
+        k, n = self.queue.size(0), min(keys.size(0), self.queue.size(0))
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % k
+        self.queue.index_copy_(0, idx, keys[-n:])
+        self.queue_ptr.copy_((self.queue_ptr + keys.size(0)) % k)
 
     # --- query side -----------------------------------------------------------------
     def _query_sets(self, x1, x2, step, n_keysets) -> tuple[list[QuerySet], dict, dict]:
@@ -163,11 +172,14 @@ class MoCo(Method):
         width = max(s.pos.size(1) for s in group)
         pos = torch.cat([F.pad(s.pos, (0, width - s.pos.size(1))) for s in group])
         weight = torch.cat([F.pad(s.weight, (0, width - s.weight.size(1))) for s in group])
-        weighted = weight * ops.soft_infonce(torch.cat(queries), keys, self.queue, pos, self.temperature)
+        # pos comes from _query_sets (built from the batch size): not read back on the host.
+        terms = ops.soft_infonce(torch.cat(queries).to(self.queue.dtype), keys.to(self.queue.dtype), self.queue, pos,
+                                 self.temperature, validate=False)
+        weighted = weight * terms
         branch_losses, start = {}, 0
         for s in group:
             n = s.x.size(0)
-            branch_losses[f"loss_{s.name}"] = float(weighted[start:start + n].detach().sum() / n)
+            branch_losses[f"loss_{s.name}"] = weighted[start:start + n].detach().sum() / n
             start += n
         return weighted.sum() / batch, branch_losses
 

@@ -48,7 +48,7 @@ class SimCLR(Method):
             feats = engine(x1, x2, *[br.x for br, _ in pairs])
         z = feats[:2]
         loss = self._ntxent(z[0], z[1])
-        stats["loss_orig"] = float(loss.detach())
+        stats["loss_orig"] = loss.detach()
         for (br, target), z_m in zip(pairs, feats[2:]):
             z_t = z[target]
             inverse = torch.argsort(br.perm)
@@ -59,7 +59,7 @@ class SimCLR(Method):
                                 torch.stack([br.weight_own, br.weight_filler], 1)])
             part = self._ntxent(z_t, z_m, partner_t, partner_m, weight)
             name = f"loss_{br.name}" + ("_v2" if target == 0 else "")
-            stats[name] = float(part.detach())
+            stats[name] = part.detach()
             loss = loss + part
         backward(loss, True)
         return StepResult(loss.detach(), stats, images)

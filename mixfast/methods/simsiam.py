@@ -43,10 +43,10 @@ class SimSiam(Method):
             online = engine(x1, x2, *[br.x for br, _ in pairs])
             targets = self.targets(engine, x1, x2, online)
         loss = self.siamese_loss(online, targets)
-        stats["loss_orig"] = float(loss.detach())
+        stats["loss_orig"] = loss.detach()
         for (br, target), (_, p_m) in zip(pairs, online[2:]):
             part = soft_pair_loss(self.distance, p_m, targets[target], br)
-            stats[f"loss_{br.name}" + ("_v2" if target == 0 else "")] = float(part.detach())
+            stats[f"loss_{br.name}" + ("_v2" if target == 0 else "")] = part.detach()
             loss = loss + part
         backward(loss, True)
         return StepResult(loss.detach(), stats, images)

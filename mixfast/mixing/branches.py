@@ -61,7 +61,7 @@ class Mixtures:
             images["unmix"] = um.mixed
         if mm is not None:
             branches.append(MixedBranch("mixmask", mm.mixed, mm.perm, mm.weight_own.to(dev), mm.weight_filler.to(dev)))
-            stats["lam_mixmask"] = float(mm.pixel_lam.float().mean())
+            stats["lam_mixmask"] = mm.pixel_lam.float().mean()  # read by the trainer when it logs
             images.update(mixmask=mm.mixed, mask=mm.masks, mixmask_perm=mm.perm)
         return branches, stats, images
 

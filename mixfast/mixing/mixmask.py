@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from mixfast import ops
+from mixfast.ops.mix import to_device
 from mixfast.config import MixMaskConfig
 from mixfast.mixing.rng import STREAM_MIXMASK, STREAM_NOISE, flip_permutation, step_generator, step_numpy_rng
 from mixfast.mixing.unmix import UnMixedBatch, UnMixer
@@ -43,7 +44,8 @@ class MixMaskMixer:
 
     def _perm(self, b: int, device, step: int, random_partner: bool) -> torch.Tensor:
         if random_partner:
-            return torch.randperm(b, generator=step_generator(self.seed, self.rank, STREAM_MIXMASK, step)).to(device)
+            gen = step_generator(self.seed, self.rank, STREAM_MIXMASK, step)
+            return to_device(torch.randperm(b, generator=gen), torch.device(device))
         return flip_permutation(b, device)
 
     def _batch(self, mixed, masks, perm, lam) -> MaskedBatch:
@@ -61,10 +63,11 @@ class MixMaskMixer:
         b = x.size(0)
         args = self._mask_args(step)
         masks = ops.make_masks(b if self.cfg.per_sample else 1, args["grid"], args["ratio"], args["kind"],
-                               seed=args["seed"], step=step)
+                               seed=args["seed"], step=step, device=x.device)
         perm = self._perm(b, x.device, step, random_partner=True)
         lam_u, use_mixup, box = unmixer.plan(x.size(2), x.size(3), step)
-        mixed, _, lam, x_um, lam_u_eff = ops.mix_and_unmix(x, masks, perm, lam_u, use_mixup, box)
+        # perm comes from torch.randperm: not checked again (the check reads it on the host)
+        mixed, _, lam, x_um, lam_u_eff = ops.mix_and_unmix(x, masks, perm, lam_u, use_mixup, box, validate=False)
         return (self._batch(mixed, masks, perm, lam),
                 UnMixedBatch(x_um, float(lam_u_eff), use_mixup, flip_permutation(b, x.device)))
 
@@ -78,18 +81,18 @@ class MixMaskMixer:
             # One op draws the masks and mixes (a single kernel launch on a GPU); the masks are
             # the bits ops.make_masks would draw. perm=None means flip and lets the kernels
             # read each pair of images once.
-            mixed, _, lam, masks = ops.make_masks_and_mix(x, perm if random_partner else None,
+            mixed, _, lam, masks = ops.make_masks_and_mix(x, perm if random_partner else None, validate=False,
                                                           per_sample=self.cfg.per_sample, **mask_args)
             return self._batch(mixed, masks, perm, lam)
         else:
             masks = ops.make_masks(b if self.cfg.per_sample else 1, mask_args["grid"], mask_args["ratio"],
-                                   mask_args["kind"], seed=mask_args["seed"], step=step)
+                                   mask_args["kind"], seed=mask_args["seed"], step=step, device=x.device)
             # Erase baselines (MSCN): no partner image, so no switch term, and λ = 1 (SPEC §1).
             if self.cfg.fill == "zero":
                 filler_img = torch.zeros_like(x)
             else:
                 gen = step_generator(self.seed, self.rank, STREAM_NOISE, step)
-                filler_img = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-            mixed, _, lam = ops.mix(x, masks, perm, filler=filler_img)
+                filler_img = to_device(torch.randn(x.shape, generator=gen, dtype=x.dtype), x.device)
+            mixed, _, lam = ops.mix(x, masks, perm, filler=filler_img, validate=False)
             own, filler = torch.ones(b, device=x.device), torch.zeros(b, device=x.device)
         return MaskedBatch(mixed, masks, perm, lam, own, filler)

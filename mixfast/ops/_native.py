@@ -54,16 +54,29 @@ def build_info() -> dict:
     return dict(require_native("build_info").build_info())
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_built() -> bool:
+    """Asked on every op call: build_info() builds a dict, so the answer is kept (it cannot change)."""
     mod = _load()
     return bool(mod is not None and mod.build_info()["cuda"])
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu_present() -> bool:
+    return torch.cuda.is_available()
+
+
 def cuda_ready(device: Optional[torch.device] = None) -> bool:
     """The CUDA kernels can run: built with CUDA, and torch sees a GPU (``device`` if given)."""
-    if not cuda_built() or not torch.cuda.is_available():
+    if not cuda_built() or not _gpu_present():
         return False
     return device is None or device.type == "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a GPU (for grid sizes): read once per device, not per call."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def require_cuda_tensor(op: str, t: torch.Tensor) -> None:

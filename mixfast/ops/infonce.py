@@ -48,12 +48,12 @@ __all__ = ["soft_infonce", "backend_for"]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_args(q, keys, queue, pos, tau, exclude) -> float:
-    """The reference's checks; index ranges are read eagerly and skipped while torch.compile
-    traces (they would force a graph break, and a compiled step was already checked by its
-    eager runs)."""
+def _check_args(q, keys, queue, pos, tau, exclude, validate: bool) -> float:
+    """The reference's checks. Index ranges are read on the host (a device sync for GPU
+    tensors) only when `validate`, and never while torch.compile traces (they would force a
+    graph break, and a compiled step was already checked by its eager runs)."""
     return reference.check_soft_infonce_args(q, keys, queue, pos, tau, exclude,
-                                             check_values=not torch.compiler.is_compiling())
+                                             check_values=validate and not torch.compiler.is_compiling())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ class _NativeCuda:
                 and q.shape[1] <= self.lib.infonce_max_dim())
 
     def _splits(self, programs: int, tiles: int, device: torch.device) -> int:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _native.sm_count(device.index if device.index is not None else torch.cuda.current_device())
         return max(1, min(math.ceil(2 * sms / max(programs, 1)), tiles, 64))
 
     @staticmethod
@@ -289,12 +289,17 @@ def _unit_column_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def soft_infonce(q: torch.Tensor, keys: torch.Tensor, queue: Optional[torch.Tensor], pos: torch.Tensor, tau: float,
-                 exclude: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 exclude: Optional[torch.Tensor] = None, *, validate: bool = True) -> torch.Tensor:
     """Per-term InfoNCE cross-entropies [M, P]; the math, shapes and errors of `reference.soft_infonce`.
 
-    Computed in float32 (float64 if any input is float64) without an M x K intermediate; differentiable in q and
-    keys, never in the queue. MIXFAST_BACKEND picks the implementation (module docstring)."""
-    tau = _check_args(q, keys, queue, pos, tau, exclude)
+    Dots in the inputs' dtype (bfloat16 tiles go to the tensor cores on a GPU) with float32 accumulation and a
+    float32 log-sum-exp (float64 throughout if any input is float64), without an M x K intermediate; differentiable
+    in q and keys, never in the queue. MIXFAST_BACKEND picks the implementation (module docstring).
+
+    `validate=False` skips the index-range checks of `pos` / `exclude`, which read them on the host (a device sync
+    for GPU tensors): for index tables the caller built itself, as the training methods do. Out-of-range indices
+    are then undefined behaviour."""
+    tau = _check_args(q, keys, queue, pos, tau, exclude, validate)
     queue = queue.detach() if queue is not None else None
     tensors = (q, keys) if queue is None else (q, keys, queue)
     common = tensors[0].dtype

@@ -51,14 +51,18 @@ def _rows_view(buf: torch.Tensor, m: int, width: int) -> torch.Tensor:
     return buf[:m * width].view(m, width)
 
 
-def _exclusion_in_chunk(exclude: Optional[torch.Tensor], c0: int, c1: int):
-    """(rows, local column) of the excluded entries that fall in columns [c0, c1), or None."""
+def _fill_excluded(block: torch.Tensor, exclude: Optional[torch.Tensor], c0: int, value: float) -> None:
+    """block[r, exclude[r] - c0] = value for the rows whose excluded column falls in this block, in place.
+
+    Without a host sync (no nonzero, no data-dependent shape): every row writes one entry through scatter, rows
+    whose excluded column lies elsewhere write back the value they already hold."""
     if exclude is None:
-        return None
-    rows = torch.nonzero((exclude >= c0) & (exclude < c1)).squeeze(1)
-    if rows.numel() == 0:
-        return None
-    return rows, exclude[rows] - c0
+        return
+    local = exclude - c0
+    hit = (local >= 0) & (local < block.shape[1])
+    local = torch.where(hit, local, torch.zeros_like(local))[:, None]
+    keep = block.gather(1, local)
+    block.scatter_(1, local, torch.where(hit[:, None], torch.full_like(keep, value), keep))
 
 
 def lse(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
@@ -75,9 +79,7 @@ def lse(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], sc
     for c0 in range(0, N, chunk):
         c1 = min(c0 + chunk, N)
         s = torch.mm(qs, cols[c0:c1].to(acc).t(), out=_rows_view(buf, M, c1 - c0))
-        excluded = _exclusion_in_chunk(exclude, c0, c1)
-        if excluded is not None:
-            s[excluded] = float("-inf")
+        _fill_excluded(s, exclude, c0, float("-inf"))
         # logsumexp in place (torch.logsumexp would allocate a second [M, chunk] temporary for exp(s - max))
         row_max = s.amax(dim=1, keepdim=True).clamp_(min=torch.finfo(acc).min)  # all -inf (excluded): exp gives 0
         parts.append(s.sub_(row_max).exp_().sum(dim=1).log_().add_(row_max.squeeze(1)))
@@ -123,9 +125,7 @@ def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], 
             torch.addmm(neg_lse, qs, c.t(), out=coef).exp_()  # softmax_rj = exp(s_rj - lse_r), in place
             if not fold_gl:
                 coef.mul_(gl_col)
-            excluded = _exclusion_in_chunk(exclude, c0, c1)
-            if excluded is not None:
-                coef[excluded] = 0.0
+            _fill_excluded(coef, exclude, c0, 0.0)
         else:
             coef.zero_()
         if pos is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "mix",
     "mix_and_unmix",
     "rand_bbox",
+    "to_device",
     "unmix",
     "upsample_masks",
     "backend_for",
@@ -114,11 +115,14 @@ def _check_x(op: str, x) -> None:
         raise ValueError(f"{op}: x must not be empty, got shape {tuple(x.shape)}")
 
 
-def _check_perm(op: str, perm, B: int, device: torch.device) -> None:
+def _check_perm(op: str, perm, B: int, device: torch.device, validate: bool = True) -> None:
+    """Type, shape and device always; the values too when ``validate`` (see _check_perm_values)."""
     if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1 or perm.numel() != B:
         raise ValueError(f"{op}: perm must be a 1-D int64 tensor of length B={B}, got {_desc(perm)}")
     if perm.device != device:
         raise ValueError(f"{op}: perm must be on x's device {device}, got {perm.device}")
+    if validate and not torch.compiler.is_compiling():
+        _check_perm_values(op, perm)
 
 
 def _check_masks(op: str, masks, B: int) -> None:
@@ -148,15 +152,28 @@ def _check_box(op: str, box, H: int, W: int) -> Tuple[int, int, int, int]:
 
 
 def _check_perm_values(op: str, perm: Tensor) -> None:
-    """perm must be a permutation of range(B). On the CPU a ValueError; on a GPU a device
-    assert (no host sync on the fast path)."""
+    """perm must be a permutation of range(B): a ValueError otherwise, on every backend.
+
+    The check reads perm on the host: free for a CPU tensor, a device sync for a GPU one
+    (never a device-side assert, which would leave the CUDA context unusable). Callers that
+    drew the permutation themselves (the mixers, with ``torch.randperm``) pass
+    ``validate=False`` to the public ops and skip it: nothing is checked on the hot path
+    that the library produced itself."""
     B = perm.numel()
-    ok = torch.sort(perm).values == torch.arange(B, device=perm.device)
-    if perm.device.type == "cpu":
-        if not bool(ok.all()):
-            raise ValueError(f"{op}: perm must be a permutation of range({B}), got {perm.tolist()}")
-    else:
-        torch._assert_async(ok.all(), f"{op}: perm must be a permutation of range({B})")
+    host = perm.detach().cpu()
+    if not torch.equal(torch.sort(host).values, torch.arange(B)):
+        shown = host.tolist() if B <= 16 else host[:16].tolist() + ["..."]
+        raise ValueError(f"{op}: perm must be a permutation of range({B}), got {shown}")
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device`` without a host sync: a CPU tensor reaches a GPU through pinned
+    memory and an asynchronous copy (a pageable copy would block until the GPU is idle)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _i64(v: int) -> int:
@@ -211,7 +228,7 @@ def _native_mask_source(C, op, n: int, grid: int, masks: Optional[Tensor], spec,
     src.n, src.grid = n, grid
     keep, out = None, None
     if masks is not None:
-        keep = masks.to(device=device).contiguous().view(torch.uint8)
+        keep = to_device(masks, device).contiguous().view(torch.uint8)
         src.given = keep.data_ptr()
     else:
         src.spec = _native.mask_spec(spec)
@@ -298,8 +315,6 @@ def _mix_impl(x: Tensor, masks: Tensor, perm: Optional[Tensor], filler: Optional
     if backend == "torch":
         mixed, switch, lam = ref.mix(x, masks, perm, want_switch, filler=filler)
         return mixed, (switch if switch is not None else x.new_empty((0,))), lam
-    if perm is not None:
-        _check_perm_values("mix", perm)
     n, g = masks.shape[0], masks.shape[1]
     if backend == "triton":
         return _triton_mod().mix(x, masks=masks, spec=None, n_masks=n, grid=g, perm=perm, filler=filler,
@@ -328,23 +343,25 @@ def _make_masks_and_mix_impl(x: Tensor, perm: Optional[Tensor], grid: int, ratio
     B = x.shape[0]
     n = B if per_sample else 1
     flip = perm is None
-    perm_t = torch.arange(B - 1, -1, -1, device=x.device) if flip else perm
     backend = backend_for("make_masks_and_mix", x.device, x.dtype)
     if backend == "torch":
-        masks = ref.make_masks(n, grid, ratio, kind, seed=seed, step=step).to(x.device)
+        masks = to_device(ref.make_masks(n, grid, ratio, kind, seed=seed, step=step), x.device)
+        perm_t = torch.arange(B - 1, -1, -1, device=x.device) if flip else perm
         mixed, switch, lam = ref.mix(x, masks, perm_t, want_switch)
         return mixed, (switch if switch is not None else x.new_empty((0,))), lam, masks
-    if not flip:
-        _check_perm_values("make_masks_and_mix", perm_t)
     spec = ref.mask_spec(grid, ratio, kind, seed, step)
     if backend == "triton":
-        mixed, switch, lam, masks = _triton_mod().mix(x, masks=None, spec=spec, n_masks=n, grid=grid, perm=perm_t,
+        # With flip the kernel reads each pair of images once and never reads a permutation.
+        mixed, switch, lam, masks = _triton_mod().mix(x, masks=None, spec=spec, n_masks=n, grid=grid, perm=perm,
                                                       filler=None, want_switch=want_switch, perm_is_flip=flip)
         return mixed, switch, lam, masks.view(torch.bool)
     C = _native.require_native("make_masks_and_mix")
     if backend == "cuda":
         _native.require_cuda_tensor("make_masks_and_mix", x)
     src, _, masks_out = _native_mask_source(C, "make_masks_and_mix", n, grid, None, spec, x.device)
+    # The native API takes the flip as a permutation too (the CPU kernels read it; CUDA pairs
+    # the images when perm_is_flip): an arange on the device, no host work.
+    perm_t = torch.arange(B - 1, -1, -1, device=x.device) if flip else perm
     args, outs, inputs_alive = _native_mix_args(C, "make_masks_and_mix", x, perm_t, None, want_switch, src, n, flip)
     _run_native(C, "mix", x.device, args)
     return (*outs, masks_out.view(torch.bool))
@@ -391,7 +408,6 @@ def _mix_and_unmix_impl(x: Tensor, masks: Tensor, perm: Tensor, want_switch: boo
         mixed, switch, lam_m = ref.mix(x, masks, perm, want_switch)
         x_um = ref.unmix(x, lam, use_mixup, box=None if use_mixup else box)[0]
         return mixed, (switch if switch is not None else x.new_empty((0,))), lam_m, x_um
-    _check_perm_values("mix_and_unmix", perm)
     n, g = masks.shape[0], masks.shape[1]
     if backend == "triton":
         return _triton_mod().mix_and_unmix(x, masks=masks, perm=perm, want_switch=want_switch, lam=lam,
@@ -427,31 +443,39 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: int, step: int) -> Tensor:
-    """Draw ``n`` MixMask grid masks: CPU ``torch.bool [n, grid, grid]``, 1 = keep ``x_i``.
+def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: int, step: int,
+               device: Optional[torch.device] = None) -> Tensor:
+    """Draw ``n`` MixMask grid masks: ``torch.bool [n, grid, grid]``, 1 = keep ``x_i``, on
+    ``device`` (default: the CPU).
 
     Same contract and bits as :func:`mixfast.ops.reference.make_masks` (Philox4x32-10
-    keyed by ``(seed, step)``, counters from ``(draw, sample)``); drawn by the C++ kernels
-    when built (``MIXFAST_BACKEND=cpu``), by Triton or CUDA when asked for by name (on
-    their device, then copied to the CPU), else by the reference.
+    keyed by ``(seed, step)``, counters from ``(draw, sample)``). With a ``device`` the
+    masks are drawn there (CUDA or Triton kernels on a GPU, the C++ kernels on the CPU, else
+    the reference and an asynchronous copy): a training step asks for them where its images
+    are, with no host sync. Without one they are drawn by the C++ kernels when built, by
+    Triton or CUDA when asked for by name (then copied to the CPU), else by the reference.
     """
     ref.check_make_masks_args(n, grid, ratio, kind, seed, step)
-    requested = _backend.requested_backend()
-    device = torch.device("cuda") if requested in ("cuda", "triton") and torch.cuda.is_available() else torch.device("cpu")
-    backend = backend_for("make_masks", device)
+    if device is None:
+        requested = _backend.requested_backend()
+        gpu = requested in ("cuda", "triton") and torch.cuda.is_available()
+        draw_on, target = torch.device("cuda" if gpu else "cpu"), torch.device("cpu")
+    else:
+        draw_on = target = torch.device(device)
+    backend = backend_for("make_masks", draw_on)
     if backend == "torch":
-        return ref.make_masks(n, grid, ratio, kind, seed=seed, step=step)
+        return to_device(ref.make_masks(n, grid, ratio, kind, seed=seed, step=step), target)
     spec = ref.mask_spec(grid, float(ratio), kind, seed, step)
     if backend == "triton":
-        return _triton_mod().make_masks(spec, n, device).view(torch.bool).cpu()
+        return _triton_mod().make_masks(spec, n, draw_on).view(torch.bool).to(target)
     C = _native.require_native("make_masks")
-    out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
+    out = torch.empty((n, grid, grid), dtype=torch.uint8, device=draw_on)
     if backend == "cuda":
-        with torch.cuda.device(device):
-            C.make_masks_cuda(_native.mask_spec(spec), n, out.data_ptr(), _native.stream_handle(device))
-        return out.view(torch.bool).cpu()
-    C.make_masks_cpu(_native.mask_spec(spec), n, out.data_ptr(), _native.num_threads())
-    return out.view(torch.bool)
+        with torch.cuda.device(draw_on):
+            C.make_masks_cuda(_native.mask_spec(spec), n, out.data_ptr(), _native.stream_handle(draw_on))
+    else:
+        C.make_masks_cpu(_native.mask_spec(spec), n, out.data_ptr(), _native.num_threads())
+    return out.view(torch.bool).to(target)
 
 
 def mix(
@@ -461,10 +485,15 @@ def mix(
     want_switch: bool = False,
     *,
     filler: Optional[Tensor] = None,
+    validate: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """MixMask mixing (SPEC §1): ``(mixed, switch or None, lam)``; contract of
     :func:`mixfast.ops.reference.mix` (selection, so every pixel is bit-exact; outputs keep
-    x's dtype and memory format; ``lam`` float32 ``[1]`` or ``[B]``)."""
+    x's dtype and memory format; ``lam`` float32 ``[1]`` or ``[B]``).
+
+    ``validate=False`` skips reading ``perm``'s values on the host (a device sync for a GPU
+    tensor) for a permutation the caller drew itself; a ``perm`` that is not a permutation of
+    ``range(B)`` is then undefined behaviour."""
     _check_x("mix", x)
     B = x.shape[0]
     _check_masks("mix", masks, B)
@@ -477,12 +506,12 @@ def mix(
         if filler.device != x.device:
             raise ValueError(f"mix: filler must be on x's device {x.device}, got {filler.device}")
         if perm is not None:
-            _check_perm("mix", perm, B, x.device)
+            _check_perm("mix", perm, B, x.device, validate)
         perm = None  # checked but ignored with a filler (as in the reference)
     elif perm is None:
         raise ValueError("mix: perm is required unless a filler is given")
     else:
-        _check_perm("mix", perm, B, x.device)
+        _check_perm("mix", perm, B, x.device, validate)
     if _needs_grad(x, filler):
         return ref.mix(x, masks, perm, want_switch, filler=filler)
     mixed, switch, lam = _call(_mix_op, _mix_impl, x, masks, perm, filler, bool(want_switch))
@@ -500,6 +529,7 @@ def make_masks_and_mix(
     seed: int,
     step: int,
     want_switch: bool = False,
+    validate: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """Draw the masks and mix in one call (one launch on CUDA / Triton):
     ``(mixed, switch or None, lam, masks)``.
@@ -507,15 +537,16 @@ def make_masks_and_mix(
     Equals ``masks = make_masks(B if per_sample else 1, grid, ratio, kind, seed=seed,
     step=step)`` followed by ``mix(x, masks, perm, want_switch)``, bit for bit, except that
     ``masks`` is returned on x's device. ``perm=None`` means the flip ``i -> B-1-i`` (the
-    papers' pairing), which lets the kernels read each pair of images once.
+    papers' pairing), which lets the kernels read each pair of images once. ``validate``:
+    as in :func:`mix`.
     """
     _check_x("make_masks_and_mix", x)
     B = x.shape[0]
     ref.check_make_masks_args(B if per_sample else 1, grid, ratio, kind, seed, step)
     if perm is not None:
-        _check_perm("make_masks_and_mix", perm, B, x.device)
+        _check_perm("make_masks_and_mix", perm, B, x.device, validate)
     if _needs_grad(x):
-        masks = ref.make_masks(B if per_sample else 1, grid, ratio, kind, seed=seed, step=step).to(x.device)
+        masks = to_device(ref.make_masks(B if per_sample else 1, grid, ratio, kind, seed=seed, step=step), x.device)
         perm_t = perm if perm is not None else torch.arange(B - 1, -1, -1, device=x.device)
         mixed, switch, lam = ref.mix(x, masks, perm_t, want_switch)
         return mixed, switch, lam, masks
@@ -559,17 +590,20 @@ def mix_and_unmix(
     use_mixup: bool,
     box: Optional[Tuple[int, int, int, int]] = None,
     want_switch: bool = False,
+    *,
+    validate: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, float]:
     """MixMask (permutation ``perm``) and Un-Mix (flip) of the same batch from one pass over
     ``x``: ``(mixed, switch or None, lam_mixmask, x_unmix, lam_unmix_effective)``.
 
     Identical to ``mix(x, masks, perm, want_switch)`` and ``unmix(x, lam_unmix, use_mixup,
     box)`` (SPEC §1: with both on, MixMask takes a fresh permutation and Un-Mix keeps flip).
+    ``validate``: as in :func:`mix`.
     """
     _check_x("mix_and_unmix", x)
     B, C, H, W = x.shape
     _check_masks("mix_and_unmix", masks, B)
-    _check_perm("mix_and_unmix", perm, B, x.device)
+    _check_perm("mix_and_unmix", perm, B, x.device, validate)
     lam_unmix = _check_lam("mix_and_unmix", lam_unmix)
     if use_mixup:
         if box is not None:

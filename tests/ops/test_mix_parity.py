@@ -399,10 +399,20 @@ def test_bad_inputs_raise(use_backend, backend):
         (lambda: ops.unmix(x, 0.5, False, box=(0, 9, 0, 4)), "box"),
         (lambda: ops.mix_and_unmix(x, masks, perm, 0.5, False, box=(5, 4, 0, 1)), "box"),
         (lambda: ops.mix_and_unmix(x, masks, perm[:2], 0.5, True), "perm"),
+        # values out of range or repeated: a ValueError on every backend (read on the host),
+        # never an out-of-bounds read or a device-side assert that would end the CUDA context
+        (lambda: ops.mix(x, masks, torch.tensor([0, 1, 2, 7], device=device)), "permutation"),
+        (lambda: ops.make_masks_and_mix(x, torch.tensor([3, 2, 1, -1], device=device), grid=4, ratio=0.5, seed=0,
+                                        step=0), "permutation"),
+        (lambda: ops.mix_and_unmix(x, masks, torch.tensor([1, 1, 2, 3], device=device), 0.5, True), "permutation"),
     ]
     for fn, word in cases:
         with pytest.raises(ValueError, match=word):
             fn()
+    # the device is still usable after every bad call
+    assert torch.equal(ops.mix(x, masks, perm)[0], ref.mix(x, masks, perm)[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     if device.type == "cuda":
         with pytest.raises(ValueError, match="device"):
             ops.mix(x, masks, perm.cpu())
