@@ -185,6 +185,34 @@ def test_low_precision_error_within_twice_plain_torch(backend, mode, dtype, monk
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_trainer_call_within_the_documented_bound(backend, monkeypatch):
+    """The MoCo loss as the bf16 trainer calls it: unit-norm fp32 queries and keys cast to bf16, a bf16 queue,
+    D = 128, tau = 0.2, two weighted positives per mixed row. Bounds of ops/infonce.py: against float64 on the same
+    bf16 values, fp32 accumulation only (outputs within 2e-4; gradients, returned in bf16, within one bf16 rounding
+    plus that); against the unrounded fp32 inputs, at most (2^-6 + 2^-15) / tau per term (the rounding of unit
+    vectors to bf16 moves each logit by at most (2^-7 + 2^-16) / tau)."""
+    B, D, K, P = 24, 128, 520, 2
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    dev = _device(backend)
+    q32 = _unit(3 * B, D, gen, torch.float32, dev)       # original, Un-Mix and MixMask rows
+    k32 = _unit(B, D, gen, torch.float32, dev)
+    queue32 = _unit(K, D, gen, torch.float32, dev)
+    pos = torch.stack([torch.arange(3 * B) % B, torch.randint(0, B, (3 * B,), generator=gen)], 1).to(dev)
+    g = torch.rand(3 * B, P, generator=gen).to(dev)     # the loss weights (lambda, 1 - lambda)
+    q, keys, queue = q32.bfloat16(), k32.bfloat16(), queue32.bfloat16()
+    out, dq, dk = _run(backend, q, keys, queue, pos, None, g, monkeypatch)
+    assert out.dtype == torch.float32 and dq.dtype == torch.bfloat16
+    t_out, t_dq, t_dk = _truth(q, keys, queue, pos, None, g)
+    assert _max_err(out, t_out) <= 2e-4
+    for got, want in ((dq, t_dq), (dk, t_dk)):
+        err = (got.double() - want).abs()
+        assert bool((err <= 2**-8 * want.abs() + 2e-4 * want.abs().max()).all()), err.max().item()
+    exact = _truth(q32, k32, queue32, pos, None, g)[0]
+    rounding = _max_err(out, exact)
+    assert 0 < rounding <= (2**-6 + 2**-15) / TAU
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("which", ["keys_frozen", "q_frozen"])
 def test_gradients_only_where_asked(backend, mode, which, monkeypatch):
