@@ -198,7 +198,9 @@ class EvalConfig(Section):
 
 
 class LogConfig(Section):
-    every_steps: int = Field(10, ge=1, description="Write scalars every N steps.")
+    every_steps: int = Field(10, ge=1, description=(
+        "Write scalars every N steps. Also how often a step's values are read back from the device (the "
+        "one host sync of the training loop) and non-finite losses are noticed."))
     tensorboard: bool = Field(True, description="Write TensorBoard events to output_dir/tb.")
     progress: bool = Field(True, description="Show a progress bar (rank 0).")
     image_grid: bool = Field(True, description="Save a PNG grid of masks and mixed/switch images for the first batch.")
