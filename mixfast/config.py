@@ -268,13 +268,19 @@ class ConfigError(ValueError):
 
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a JSON config, apply ``a.b.c=value`` overrides in order, validate, check the data path."""
-    raw = _read_json(Path(path))
-    for override in overrides:
-        _apply_override(raw, override)
-    cfg = _validate(raw, source=str(path))
-    _check_data_root_exists(cfg)
+    cfg = config_from_dict(_read_json(Path(path)), overrides, source=str(path))
     # Fail at load time rather than after the model is built in to_deepspeed_config.
     _reject_deepspeed_precision(cfg.deepspeed)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any], overrides: Sequence[str] = (), *, source: str) -> RunConfig:
+    """Apply ``a.b.c=value`` overrides to a raw config dict (in place, in order), validate it and check
+    that data.root exists; errors are ConfigErrors naming the key and ``source``."""
+    for override in overrides:
+        _apply_override(raw, override)
+    cfg = _validate(raw, source=source)
+    _check_data_root_exists(cfg)
     return cfg
 
 

@@ -14,6 +14,7 @@ from mixfast.config import (
     DEEPSPEED_DEFAULTS,
     ConfigError,
     RunConfig,
+    config_from_dict,
     config_reference_markdown,
     dump_config,
     load_config,
@@ -276,6 +277,16 @@ def test_override_without_equals_is_an_error(tmp_path):
 def test_override_with_bad_value_names_path(tmp_path):
     with pytest.raises(ConfigError, match=r'mixing\.mixmask\.grid = "eight"'):
         load_config(write_config(tmp_path, synthetic()), ["mixing.mixmask.grid=eight"])
+
+
+def test_config_from_dict_applies_overrides_validates_and_checks_the_data_root(tmp_path):
+    cfg = config_from_dict({"model": {"arch": "resnet18"}}, ["data.name=synthetic", "model.width=16"], source="dict")
+    assert (cfg.data.name, cfg.model.arch, cfg.model.width) == ("synthetic", "resnet18", 16)
+    with pytest.raises(ConfigError, match=r"invalid config from-eval:\n  model\.width"):
+        config_from_dict(synthetic(), ["model.width=\"wide\""], source="from-eval")
+    missing = tmp_path / "no-such-imagenet"
+    with pytest.raises(ConfigError, match=r"data\.root: .*no-such-imagenet does not exist"):
+        config_from_dict({"data": {"name": "imagefolder", "root": str(missing)}}, source="dict")
 
 
 # --- DeepSpeed block ------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
-from mixfast.config import ConfigError, RunConfig, _apply_override, _check_data_root_exists, _validate, dump_config
+from mixfast.config import ConfigError, RunConfig, config_from_dict, dump_config
 from mixfast.data import MEAN_STD, EvalDataset, build_datasets, collate_eval, eval_transform
 from mixfast.models import build_backbone
 
@@ -203,11 +203,7 @@ def resolve_config(source: BackboneSource, config: Optional[str] = None, arch: O
         model_overrides.append(f"model.width={width}")
     if cifar_stem is not None:
         model_overrides.append(f"model.cifar_stem={json.dumps(cifar_stem)}")
-    for item in [*model_overrides, *overrides]:
-        _apply_override(raw, item)
-    cfg = _validate(raw, source=where)
-    _check_data_root_exists(cfg)
-    return cfg
+    return config_from_dict(raw, [*model_overrides, *overrides], source=where)
 
 
 def load_backbone(source: BackboneSource, cfg: RunConfig) -> nn.Module:
