@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from mixfast.config import ConfigError, RunConfig, config_from_dict, dump_config
 from mixfast.data import MEAN_STD, EvalDataset, build_datasets, collate_eval, eval_transform
+from mixfast.engine.logging import info
 from mixfast.models import build_backbone
 
 EXPORT_NAME = "backbone_torchvision.pth"
@@ -277,10 +278,6 @@ def setup(args: argparse.Namespace) -> tuple[BackboneSource, RunConfig, nn.Modul
 def default_out(source: BackboneSource, name: str) -> str:
     base = source.run_dir or os.path.dirname(os.path.abspath(source.weights))
     return os.path.join(base, "eval", name)
-
-
-def info(message: str) -> None:
-    print(f"[mixfast] {message}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mixfast.engine.logging import info
 from mixfast.eval import common, subsets
 
 # SPEC §6: percent -> (backbone lr, classifier lr)
@@ -138,11 +139,11 @@ def main(argv=None) -> dict:
     optimizer, scheduler = build_optimizer(model, args)
     start_epoch, history = common.resume_training(out, hyper, args.resume, "model", model, optimizer, scheduler)
 
-    common.info(f"fine-tune on {args.labels}% of the labels ({len(indices)} of {len(data.train)} images, subset "
-                f"{subset_path}) of {source.weights} on {cfg.data.name}: {len(data.test)} val images, "
-                f"{data.num_classes} classes, {args.epochs} epochs, batch {args.batch_size}, lr backbone "
-                f"{args.lr_backbone} / classifier {args.lr_classifier} ({args.schedule} {args.milestones}), "
-                f"augment {args.augment} -> {out}")
+    info(f"fine-tune on {args.labels}% of the labels ({len(indices)} of {len(data.train)} images, subset "
+         f"{subset_path}) of {source.weights} on {cfg.data.name}: {len(data.test)} val images, "
+         f"{data.num_classes} classes, {args.epochs} epochs, batch {args.batch_size}, lr backbone "
+         f"{args.lr_backbone} / classifier {args.lr_classifier} ({args.schedule} {args.milestones}), "
+         f"augment {args.augment} -> {out}")
     train_tf = common.train_transform(args.augment, data.recipe, data.image_size, args.hflip)
     val_loader = common.make_loader(data.test, common.val_transform(data.recipe, data.image_size),
                                     args.batch_size, workers)
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
         msg = f"epoch {epoch + 1}/{args.epochs}: loss {record['train_loss']:.4f}, lr {lrs[0]:.3g}/{lrs[1]:.3g}"
         if "val" in record:
             msg += f", val top-1 {result['top1']:.2f}%" + (f" top-5 {result['top5']:.2f}%" if "top5" in result else "")
-        common.info(msg)
+        info(msg)
         common.save_state(out, {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scheduler": scheduler.state_dict(), "history": history, "hyper": hyper})
     if result is None:
@@ -201,7 +202,7 @@ def main(argv=None) -> dict:
                "hyperparameters": hyper, "epochs_run": len(history), "wall_s": time.perf_counter() - t_start}
     path = common.write_json(os.path.join(out, "finetune_metrics.json"), metrics)
     torch.save(model.torchvision_state_dict(), os.path.join(out, "finetuned_torchvision.pth"))
-    common.info(f"wrote {path}")
+    info(f"wrote {path}")
     print(f"finetune ({args.labels}% labels) top-1: {result['top1']:.2f}%"
           + (f" (top-5 {result['top5']:.2f}%)" if "top5" in result else ""), flush=True)
     return metrics

@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     from tqdm.auto import tqdm
 
     from mixfast.data import build_eval_loader
+    from mixfast.engine.logging import info
     from mixfast.eval import common
 
     parser = argparse.ArgumentParser(prog="python -m mixfast.eval.knn", description=main.__doc__)
@@ -102,14 +103,14 @@ def main(argv=None) -> dict:
     wrap = lambda loader, desc: tqdm(loader, desc=desc, disable=args.no_progress, leave=False)  # noqa: E731
     bank = build_eval_loader(common.EvalDataset(data.train, transform), args.batch_size, cfg.data.num_workers)
     test = build_eval_loader(common.EvalDataset(data.test, transform), args.batch_size, cfg.data.num_workers)
-    common.info(f"kNN (k {k}, t {t}) of {source.weights} on {cfg.data.name}: bank {len(data.train)} / test "
-                f"{len(data.test)} images -> {out}")
+    info(f"kNN (k {k}, t {t}) of {source.weights} on {cfg.data.name}: bank {len(data.train)} / test "
+         f"{len(data.test)} images -> {out}")
     top1 = knn_accuracy(backbone, wrap(bank, "bank"), wrap(test, "test"), data.num_classes, k, t, device)
     metrics = {**common.base_record("knn", source, cfg, data), "protocol": "knn (SPEC §6)", "top1": top1,
                "hyperparameters": {"k": k, "t": t, "features": "backbone"}, "wall_s": time.perf_counter() - t_start}
     common.EpochLog(out, "knn").log(0, {"top1": top1, "k": k, "t": t})
     path = common.write_json(os.path.join(out, "knn_metrics.json"), metrics)
-    common.info(f"wrote {path}")
+    info(f"wrote {path}")
     print(f"kNN top-1: {top1:.2f}%", flush=True)
     return metrics
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mixfast.engine.logging import info
 from mixfast.eval import common
 
 PROTOCOLS = {
@@ -112,10 +113,10 @@ def main(argv=None) -> dict:
 
     start_epoch, history = common.resume_training(out, hyper, args.resume, "classifier", classifier, optimizer, scheduler)
 
-    common.info(f"linear probe ({args.protocol}) of {source.weights} on {cfg.data.name}: {len(data.train)} train / "
-                f"{len(data.test)} val images, {data.num_classes} classes, feature dim {backbone.feature_dim}, "
-                f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr} ({args.schedule} {args.milestones}), "
-                f"augment {args.augment}{' (features precomputed)' if precompute else ''} -> {out}")
+    info(f"linear probe ({args.protocol}) of {source.weights} on {cfg.data.name}: {len(data.train)} train / "
+         f"{len(data.test)} val images, {data.num_classes} classes, feature dim {backbone.feature_dim}, "
+         f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr} ({args.schedule} {args.milestones}), "
+         f"augment {args.augment}{' (features precomputed)' if precompute else ''} -> {out}")
     val_loader = common.make_loader(data.test, common.val_transform(data.recipe, data.image_size),
                                     args.batch_size, workers)
     train_tf = common.train_transform(args.augment, data.recipe, data.image_size, args.hflip)
@@ -181,7 +182,7 @@ def main(argv=None) -> dict:
         msg = f"epoch {epoch + 1}/{args.epochs}: loss {record['train_loss']:.4f}, lr {lr:.4g}"
         if "val" in record:
             msg += f", val top-1 {result['top1']:.2f}%" + (f" top-5 {result['top5']:.2f}%" if "top5" in result else "")
-        common.info(msg)
+        info(msg)
         common.save_state(out, {"epoch": epoch + 1, "classifier": classifier.state_dict(),
                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                 "history": history, "hyper": hyper})
@@ -194,7 +195,7 @@ def main(argv=None) -> dict:
                "wall_s": time.perf_counter() - t_start}
     path = common.write_json(os.path.join(out, "linear_metrics.json"), metrics)
     torch.save(classifier.state_dict(), os.path.join(out, "linear_classifier.pth"))
-    common.info(f"wrote {path}")
+    info(f"wrote {path}")
     print(f"linear top-1: {result['top1']:.2f}%" + (f" (top-5 {result['top5']:.2f}%)" if "top5" in result else ""),
           flush=True)
     return metrics
