@@ -22,6 +22,8 @@ import torch
 
 from mixfast.engine import distributed as dist_utils
 
+CHECKPOINTS = "checkpoints"  # below train.output_dir
+# The tags `save` writes (step000001234); pruning and eval's newest-tag choice read the step from them.
 STEP_TAG = re.compile(r"^step(\d+)$")
 
 
@@ -36,7 +38,7 @@ class TrainState:
 
 
 def checkpoint_dir(output_dir: str) -> str:
-    return os.path.join(output_dir, "checkpoints")
+    return os.path.join(output_dir, CHECKPOINTS)
 
 
 def _rng_state() -> dict:

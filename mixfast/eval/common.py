@@ -40,15 +40,14 @@ from tqdm.auto import tqdm
 
 from mixfast.config import ConfigError, RunConfig, config_from_dict, dump_config
 from mixfast.data import MEAN_STD, EvalDataset, build_datasets, collate_eval, eval_transform
+from mixfast.engine.checkpoint import CHECKPOINTS, STEP_TAG
 from mixfast.engine.logging import info
 from mixfast.models import build_backbone
 
 EXPORT_NAME = "backbone_torchvision.pth"
 CONFIG_NAME = "config.json"
-CHECKPOINTS = "checkpoints"
 MODEL_STATES = "mp_rank_00_model_states.pt"
 _MODEL_STATES_RE = re.compile(r"^mp_rank_\d+_model_states\.pt$")
-_STEP_TAG = re.compile(r"^step(\d+)$")
 
 
 class SourceError(ValueError):
@@ -85,7 +84,7 @@ def _newest_tag(ckpt_dir: Path) -> Path:
         raise SourceError(f"{ckpt_dir}: no DeepSpeed checkpoint (no <tag>/{MODEL_STATES}) found there")
 
     def order(p: Path):
-        m = _STEP_TAG.match(p.name)
+        m = STEP_TAG.match(p.name)
         return (p.stat().st_mtime, int(m.group(1)) if m else -1)
 
     return max(tags, key=order)
