@@ -58,13 +58,14 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from mixfast.data.transforms import MEAN_STD, _blur_kernel_size
+from mixfast.data.transforms import _blur_kernel_size, mean_std
 
 RECIPE_PARAMS = {
-    # min_scale, jitter (b, c, s, h), jitter probability, grayscale probability, blur probability
-    "mocov2": dict(min_scale=0.2, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5, stats="imagenet"),
-    "mocov1": dict(min_scale=0.2, jitter=(0.4, 0.4, 0.4, 0.4), p_jitter=1.0, p_gray=0.2, p_blur=0.0, stats="imagenet"),
-    "cifar": dict(min_scale=0.08, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.0, stats="cifar"),
+    # min_scale, jitter (b, c, s, h), jitter probability, grayscale probability, blur probability;
+    # the mean/std is transforms.mean_std(recipe), as on the torch path
+    "mocov2": dict(min_scale=0.2, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5),
+    "mocov1": dict(min_scale=0.2, jitter=(0.4, 0.4, 0.4, 0.4), p_jitter=1.0, p_gray=0.2, p_blur=0.0),
+    "cifar": dict(min_scale=0.08, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.0),
 }
 _BLUR_SIGMA = (0.1, 2.0)
 _ASPECT = (3.0 / 4.0, 4.0 / 3.0)
@@ -113,7 +114,7 @@ def _view(fn, types, jpegs, *, size, recipe, min_scale, hflip, decoder_device, b
         window = dmath.min(fn.cast(2.0 * dmath.ceil(3.0 * sigma) + 1.0, dtype=types.INT32), blur_window)
         if fn.random.coin_flip(probability=p["p_blur"], dtype=types.BOOL):
             img = fn.gaussian_blur(img, sigma=sigma, window_size=window)
-    mean, std = MEAN_STD[p["stats"]]
+    mean, std = mean_std(recipe)
     mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
     return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout=layout, mirror=mirror,
                                     mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])

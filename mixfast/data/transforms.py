@@ -47,8 +47,14 @@ def _check_recipe(recipe: str) -> None:
         raise ValueError(f"unknown augmentation recipe {recipe!r}; allowed: {', '.join(RECIPES)}")
 
 
-def _normalize(recipe: str) -> T.Normalize:
-    mean, std = MEAN_STD["cifar" if recipe == "cifar" else "imagenet"]
+def mean_std(recipe: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) of a recipe's inputs: CIFAR's for 'cifar', ImageNet's for the MoCo recipes."""
+    return MEAN_STD["cifar" if recipe == "cifar" else "imagenet"]
+
+
+def normalize(recipe: str) -> T.Normalize:
+    """The recipe's mean/std normalization of a ``[0, 1]`` tensor image."""
+    mean, std = mean_std(recipe)
     return T.Normalize(mean, std)
 
 
@@ -69,7 +75,7 @@ def _mocov2_view(size: int, min_scale: float = 0.2, hflip: bool = True) -> T.Com
         T.RandomApply([T.GaussianBlur(_blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
         *_flip(hflip),
         T.ToTensor(),
-        _normalize("mocov2"),
+        normalize("mocov2"),
     ])
 
 
@@ -80,7 +86,7 @@ def _mocov1_view(size: int, min_scale: float = 0.2, hflip: bool = True) -> T.Com
         T.ColorJitter(0.4, 0.4, 0.4, 0.4),
         *_flip(hflip),
         T.ToTensor(),
-        _normalize("mocov1"),
+        normalize("mocov1"),
     ])
 
 
@@ -91,7 +97,7 @@ def _cifar_view(size: int, min_scale: float = 0.08, hflip: bool = True) -> T.Com
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.ToTensor(),
-        _normalize("cifar"),
+        normalize("cifar"),
     ])
 
 
@@ -119,5 +125,5 @@ def eval_transform(recipe: str, image_size: int) -> T.Compose:
         T.Resize(resize),
         T.CenterCrop(image_size),
         T.ToTensor(),
-        _normalize(recipe),
+        normalize(recipe),
     ])

@@ -10,13 +10,13 @@ import torch
 from torchvision.utils import save_image
 
 from mixfast import ops
-from mixfast.data.transforms import MEAN_STD
+from mixfast.data.transforms import mean_std
 
 _ROWS = 8
 
 
 def _denormalize(x: torch.Tensor, recipe: str) -> torch.Tensor:
-    mean, std = MEAN_STD["cifar" if recipe == "cifar" else "imagenet"]
+    mean, std = mean_std(recipe)
     mean = torch.tensor(mean).view(1, 3, 1, 1)
     std = torch.tensor(std).view(1, 3, 1, 1)
     return (x.detach().float().cpu() * std + mean).clamp(0, 1)

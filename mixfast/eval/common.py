@@ -39,7 +39,7 @@ from torchvision import transforms as T
 from tqdm.auto import tqdm
 
 from mixfast.config import ConfigError, RunConfig, config_from_dict, dump_config
-from mixfast.data import MEAN_STD, EvalDataset, build_datasets, collate_eval, eval_transform
+from mixfast.data import EvalDataset, build_datasets, collate_eval, eval_transform, normalize
 from mixfast.engine.checkpoint import CHECKPOINTS, STEP_TAG
 from mixfast.engine.logging import info
 from mixfast.models import build_backbone
@@ -313,11 +313,6 @@ def dataset_labels(base: Dataset) -> np.ndarray:
 AUGMENTS = ("rrc", "crop", "none")
 
 
-def _normalize(recipe: str) -> T.Normalize:
-    mean, std = MEAN_STD["cifar" if recipe == "cifar" else "imagenet"]
-    return T.Normalize(mean, std)
-
-
 def train_transform(augment: str, recipe: str, size: int, hflip: bool) -> Callable:
     """'rrc': RandomResizedCrop(size) + flip (SPEC §6 ImageNet); 'crop': resize, RandomCrop(size,
     padding size/8) + flip (the usual CIFAR recipe); 'none': the deterministic eval transform."""
@@ -325,10 +320,10 @@ def train_transform(augment: str, recipe: str, size: int, hflip: bool) -> Callab
         return eval_transform(recipe, size)
     flip = [T.RandomHorizontalFlip()] if hflip else []
     if augment == "rrc":
-        return T.Compose([T.RandomResizedCrop(size), *flip, T.ToTensor(), _normalize(recipe)])
+        return T.Compose([T.RandomResizedCrop(size), *flip, T.ToTensor(), normalize(recipe)])
     if augment == "crop":
         return T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=max(1, size // 8)), *flip,
-                          T.ToTensor(), _normalize(recipe)])
+                          T.ToTensor(), normalize(recipe)])
     raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
 
 
