@@ -58,7 +58,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from mixfast.data.transforms import _blur_kernel_size, mean_std
+from mixfast.data.transforms import blur_kernel_size, mean_std
 
 RECIPE_PARAMS = {
     # min_scale, jitter (b, c, s, h), jitter probability, grayscale probability, blur probability;
@@ -139,7 +139,7 @@ def build_two_view_pipeline(files: Sequence[str], *, batch_size: int, shard_id: 
                                        shard_id=shard_id, num_shards=num_shards, shuffle_after_epoch=True,
                                        shuffle_after_epoch_seed=seed % _SEED_MOD, pad_last_batch=True)
         kw = dict(size=image_size, recipe=recipe, min_scale=min_scale, hflip=hflip, decoder_device=decoder_device,
-                  blur_window=_blur_kernel_size(image_size), layout="HWC" if channels_last else "CHW")
+                  blur_window=blur_kernel_size(image_size), layout="HWC" if channels_last else "CHW")
         return _view(fn, types, jpegs, **kw), _view(fn, types, jpegs, **kw), index
 
     # Seeds differ per rank (independent augmentations), the reader's shuffle seed does not.

@@ -58,7 +58,7 @@ def normalize(recipe: str) -> T.Normalize:
     return T.Normalize(mean, std)
 
 
-def _blur_kernel_size(image_size: int) -> int:
+def blur_kernel_size(image_size: int) -> int:
     """Odd kernel of about 10% of the crop (23 px at 224, as in MoCo v2), at least 3."""
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
@@ -72,7 +72,7 @@ def _mocov2_view(size: int, min_scale: float = 0.2, hflip: bool = True) -> T.Com
         T.RandomResizedCrop(size, scale=(min_scale, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(_blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
+        T.RandomApply([T.GaussianBlur(blur_kernel_size(size), sigma=(0.1, 2.0))], p=0.5),
         *_flip(hflip),
         T.ToTensor(),
         normalize("mocov2"),
