@@ -26,7 +26,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import mixfast._compat  # noqa: F401  (torchvision import on CPU-only torch)
 
@@ -342,15 +342,31 @@ def make_loader(base: Dataset, transform: Callable, batch_size: int, num_workers
                       persistent_workers=False)
 
 
+def progress_bar(iterable: Iterable, desc: str, progress: bool, total: Optional[int] = None) -> tqdm:
+    """A tqdm bar over ``iterable`` that is cleared when done; silent with ``--no-progress``."""
+    return tqdm(iterable, total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's image order and augmentations."""
+    return seed * 100_003 + epoch
+
+
 def epoch_order(indices: Sequence[int], seed: int, epoch: int, batch_size: int) -> list[int]:
     """A shuffle of ``indices`` that is a pure function of (seed, epoch) (so a resumed run sees the
     same order); a last batch of one image is left out (BatchNorm cannot train on it)."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    gen = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
     idx = np.asarray(indices)
     order = idx[torch.randperm(len(idx), generator=gen).numpy()].tolist()
     if len(order) > 1 and len(order) % batch_size == 1:
         order = order[:-1]
     return order
+
+
+def seed_augmentations(seed: int, epoch: int) -> None:
+    """Seed torch's RNG for one epoch's random augmentations (drawn in the main process), so a
+    resumed run draws the same ones."""
+    torch.manual_seed(_epoch_seed(seed, epoch))
 
 
 @torch.no_grad()
@@ -361,7 +377,7 @@ def extract_features(backbone: nn.Module, loader, device: torch.device, progress
     backbone.eval()
     feats, labels = [], []
     try:
-        for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        for x, y in progress_bar(loader, desc, progress):
             feats.append(backbone(x.to(device, non_blocking=True)).float())
             labels.append(y.to(device))
     finally:
@@ -481,15 +497,31 @@ def load_state(out: str, hyper: dict, resume: str) -> Optional[dict]:
     return state
 
 
-def resume_training(out: str, hyper: dict, how: str, key: str, module, optimizer, scheduler) -> tuple[int, list]:
-    """Restore `module` (saved under `key`), optimizer and scheduler from the per-epoch state
-    when resuming; returns (first epoch to run, metrics history so far)."""
+@dataclass
+class Trainee:
+    """What the linear probe and the fine-tune train, save every epoch and resume: the module
+    (saved under ``key``), its optimizer and its per-epoch LR scheduler."""
+
+    key: str
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def state(self, epoch: int, history: list, hyper: dict) -> dict:
+        """The per-epoch state that ``save_state`` writes and ``resume_training`` reads back."""
+        return {"epoch": epoch, self.key: self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "history": history, "hyper": hyper}
+
+
+def resume_training(out: str, hyper: dict, how: str, trainee: Trainee) -> tuple[int, list]:
+    """Restore the trainee from the per-epoch state when resuming; returns (first epoch to run,
+    metrics history so far)."""
     state = load_state(out, hyper, how)
     if state is None:
         return 0, []
-    module.load_state_dict(state[key])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    trainee.module.load_state_dict(state[trainee.key])
+    trainee.optimizer.load_state_dict(state["optimizer"])
+    trainee.scheduler.load_state_dict(state["scheduler"])
     info(f"resuming from {os.path.join(out, STATE_NAME)} at epoch {state['epoch']}")
     return state["epoch"], state["history"]
 
@@ -500,3 +532,124 @@ def base_record(name: str, source: BackboneSource, cfg: RunConfig, data: Labelle
             "data": {**{k: v for k, v in dump_config(cfg)["data"].items()
                         if k in ("name", "root", "train_split", "val_split", "image_size", "augmentation")},
                      "num_classes": data.num_classes, "train_images": len(data.train), "test_images": len(data.test)}}
+
+
+# ---------------------------------------------------------------------------------------
+# The training loop of the linear probe and the fine-tune
+#
+# Shared: set-up, the SGD pass, evaluation, the epoch bookkeeping (resume, cadence, logs,
+# state) and the report. What each epoch trains stays in the commands, because it differs:
+# the probe trains a classifier on frozen (possibly precomputed) features of every image with
+# one lr, the fine-tune the whole network in train mode on a subset with two lr groups.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalRun:
+    """What the linear probe and the fine-tune work with once their arguments are read."""
+
+    source: BackboneSource
+    cfg: RunConfig
+    backbone: nn.Module
+    device: torch.device
+    data: LabelledData
+    out: str
+    progress: bool
+    workers: int
+
+
+def prepare_run(args: argparse.Namespace, out_name: str) -> EvalRun:
+    """Source, config, backbone, labelled data and output directory (default RUN/eval/<out_name>);
+    also sets ``args.hflip`` to the run's data.hflip when not given."""
+    source, cfg, backbone, device = setup(args)
+    data = labelled_data(cfg)
+    if args.hflip is None:
+        args.hflip = data.hflip
+    out = args.out or default_out(source, out_name)
+    os.makedirs(out, exist_ok=True)
+    return EvalRun(source, cfg, backbone, device, data, out, not args.no_progress, cfg.data.num_workers)
+
+
+def linear_classifier(feature_dim: int, num_classes: int) -> nn.Linear:
+    """``nn.Linear`` with weights N(0, 0.01) and zero bias, as MoCo's linear classifier."""
+    classifier = nn.Linear(feature_dim, num_classes)
+    classifier.weight.data.normal_(0.0, 0.01)
+    classifier.bias.data.zero_()
+    return classifier
+
+
+def sgd_pass(logits: Callable[[Any], torch.Tensor], optimizer: torch.optim.Optimizer, bar: tqdm,
+             device: torch.device, **postfix: str) -> float:
+    """One pass of cross-entropy SGD over the ``(input, label)`` batches of a ``progress_bar``
+    (which shows the running loss and ``postfix``); returns the mean training loss."""
+    loss_sum, n = 0.0, 0
+    for x, y in bar:
+        y = y.to(device)
+        loss = F.cross_entropy(logits(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * y.numel()
+        n += y.numel()
+        bar.set_postfix(loss=f"{loss_sum / n:.3f}", **postfix, refresh=False)
+    return loss_sum / max(1, n)
+
+
+@torch.no_grad()
+def accuracy_over(logits: Callable[[Any], torch.Tensor], batches: Iterable, num_classes: int,
+                  device: torch.device) -> dict:
+    """Top-1 (and top-5) accuracy and mean loss of ``logits`` over ``(input, label)`` batches."""
+    acc = Accuracy(num_classes)
+    for x, y in batches:
+        acc.update(logits(x), y.to(device))
+    return acc.result()
+
+
+def accuracy_text(result: dict) -> str:
+    """'top-1 X% top-5 Y%' (top-5 only when measured)."""
+    return f"top-1 {result['top1']:.2f}%" + (f" top-5 {result['top5']:.2f}%" if "top5" in result else "")
+
+
+class EpochLoop:
+    """The epochs of the linear probe and the fine-tune: resume, evaluation every ``eval_every``
+    epochs and after the last, one metrics.jsonl record, console line and saved state per epoch."""
+
+    def __init__(self, name: str, out: str, hyper: dict, trainee: Trainee, epochs: int, eval_every: int,
+                 resume: str):
+        self.out, self.hyper, self.trainee = out, hyper, trainee
+        self.epochs, self.eval_every = epochs, max(1, eval_every)
+        self.start, self.history = resume_training(out, hyper, resume, trainee)
+        self.log = EpochLog(out, name)
+        self.result = self.history[-1]["val"] if self.history else None
+
+    def run(self, train_one_epoch: Callable[[int], tuple[dict, str]], evaluate: Callable[[], dict]) -> dict:
+        """Train the epochs left (``train_one_epoch(epoch)`` -> (record, lr text)); returns the last
+        evaluation (a finished run that is resumed evaluates the saved module again)."""
+        for epoch in range(self.start, self.epochs):
+            t0 = time.perf_counter()
+            record, lr_text = train_one_epoch(epoch)
+            record["seconds"] = time.perf_counter() - t0
+            self._end_epoch(epoch, record, lr_text, evaluate)
+        return self.result if self.result is not None else evaluate()
+
+    def _end_epoch(self, epoch: int, record: dict, lr_text: str, evaluate: Callable[[], dict]) -> None:
+        """Evaluate when due, then log, print and save the epoch."""
+        if epoch + 1 == self.epochs or (epoch + 1) % self.eval_every == 0:
+            self.result = evaluate()
+            record["val"] = self.result
+        self.history.append(record)
+        self.log.log(epoch + 1, record)
+        msg = f"epoch {epoch + 1}/{self.epochs}: loss {record['train_loss']:.4f}, lr {lr_text}"
+        info(msg + (f", val {accuracy_text(self.result)}" if "val" in record else ""))
+        save_state(self.out, self.trainee.state(epoch + 1, self.history, self.hyper))
+
+
+def write_report(out: str, name: str, metrics: dict, weights: dict, weights_file: str, headline: str) -> dict:
+    """Write ``<name>_metrics.json`` and the trained weights, then print the headline accuracy as
+    the last stdout line; returns ``metrics``."""
+    path = write_json(os.path.join(out, f"{name}_metrics.json"), metrics)
+    torch.save(weights, os.path.join(out, weights_file))
+    info(f"wrote {path}")
+    top5 = f" (top-5 {metrics['top5']:.2f}%)" if metrics["top5"] is not None else ""
+    print(f"{headline} top-1: {metrics['top1']:.2f}%{top5}", flush=True)
+    return metrics

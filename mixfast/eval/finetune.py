@@ -137,7 +137,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     model = Classifier(backbone, data.num_classes).to(device)
     optimizer, scheduler = build_optimizer(model, args)
-    start_epoch, history = common.resume_training(out, hyper, args.resume, "model", model, optimizer, scheduler)
+    trainee = common.Trainee("model", model, optimizer, scheduler)
+    start_epoch, history = common.resume_training(out, hyper, args.resume, trainee)
 
     info(f"fine-tune on {args.labels}% of the labels ({len(indices)} of {len(data.train)} images, subset "
          f"{subset_path}) of {source.weights} on {cfg.data.name}: {len(data.test)} val images, "

@@ -23,15 +23,14 @@ small probes fast. The classifier, optimizer and epoch are saved every epoch in
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import sys
 import time
+from typing import Iterable, Iterator, Optional
 
 import mixfast  # noqa: F401  (torchvision compatibility shim first)
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from mixfast.engine.logging import info
 from mixfast.eval import common
@@ -45,6 +44,7 @@ PROTOCOLS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with the protocol's value for every flag not given."""
     parser = argparse.ArgumentParser(prog="python -m mixfast.eval.linear", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
@@ -70,135 +70,143 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def hyper_parameters(args) -> dict:
+    """The settings a resumed run must share with the saved one."""
     keys = ("protocol", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule", "milestones", "gamma",
             "augment", "hflip", "seed")
     return {k: getattr(args, k) for k in keys}
 
 
 def build_optimizer(classifier: nn.Module, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD over the classifier and its per-epoch schedule."""
     optimizer = torch.optim.SGD(classifier.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     return optimizer, common.build_scheduler(optimizer, args.epochs, args.schedule, args.milestones, args.gamma)
 
 
-def _batches_of_features(feats, labels, order, batch_size):
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        yield feats[idx], labels[idx]
+def _feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                     order: Optional[torch.Tensor] = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of precomputed features and labels, in ``order`` (indices on their device) or as stored."""
+    for start in range(0, len(labels) if order is None else len(order), batch_size):
+        if order is None:
+            yield feats[start:start + batch_size], labels[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            yield feats[idx], labels[idx]
+
+
+class ProbeInputs:
+    """The probe's batches: frozen features computed once (``--precompute``), or images that go
+    through the frozen backbone at every step; ``logits`` gives the classifier's output either way."""
+
+    def __init__(self, run: common.EvalRun, args: argparse.Namespace, precompute: bool):
+        self.run, self.batch_size = run, args.batch_size
+        data = run.data
+        self.val_loader = common.make_loader(data.test, common.val_transform(data.recipe, data.image_size),
+                                             args.batch_size, run.workers)
+        self.train_tf = common.train_transform(args.augment, data.recipe, data.image_size, args.hflip)
+        self.train_feats = self.val_feats = None  # (features, labels) when precomputed
+        if precompute:
+            self._precompute()
+
+    def _precompute(self) -> None:
+        """Features of the train split (under its transform) and of the val split, once."""
+        run = self.run
+        train_loader = common.make_loader(run.data.train, self.train_tf, self.batch_size, run.workers)
+        self.train_feats = common.extract_features(run.backbone, train_loader, run.device, run.progress,
+                                                   "train features")
+        self.val_feats = common.extract_features(run.backbone, self.val_loader, run.device, run.progress,
+                                                 "val features")
+
+    def train_batches(self, order: list[int]) -> tuple[Iterable, int]:
+        """This epoch's batches in ``order`` and how many there are."""
+        if self.train_feats is None:
+            loader = common.make_loader(self.run.data.train, self.train_tf, self.batch_size, self.run.workers, order)
+            return loader, len(loader)
+        order_t = torch.tensor(order, device=self.run.device)
+        return _feature_batches(*self.train_feats, self.batch_size, order_t), -(-len(order) // self.batch_size)
+
+    def val_batches(self) -> Iterable:
+        """The val split's batches (with a progress bar when they are images)."""
+        if self.val_feats is None:
+            return common.progress_bar(self.val_loader, "val", self.run.progress)
+        return _feature_batches(*self.val_feats, self.batch_size)
+
+    def logits(self, classifier: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Classifier output of a batch: features as they are, images through the frozen backbone."""
+        if self.train_feats is None:
+            with torch.no_grad():
+                x = self.run.backbone(x.to(self.run.device, non_blocking=True)).float()
+        return classifier(x)
+
+
+def build_trainee(run: common.EvalRun, args: argparse.Namespace) -> common.Trainee:
+    """Freeze the backbone (BatchNorm in eval mode, no gradients) and build the classifier (seeded
+    by ``--seed``) with its optimizer and schedule."""
+    run.backbone.eval()
+    for p in run.backbone.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(args.seed)
+    classifier = common.linear_classifier(run.backbone.feature_dim, run.data.num_classes).to(run.device)
+    return common.Trainee("classifier", classifier, *build_optimizer(classifier, args))
+
+
+def announce(args: argparse.Namespace, run: common.EvalRun, precompute: bool) -> None:
+    """One line with what is probed, on what, and how."""
+    data = run.data
+    info(f"linear probe ({args.protocol}) of {run.source.weights} on {run.cfg.data.name}: {len(data.train)} train / "
+         f"{len(data.test)} val images, {data.num_classes} classes, feature dim {run.backbone.feature_dim}, "
+         f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr} ({args.schedule} {args.milestones}), "
+         f"augment {args.augment}{' (features precomputed)' if precompute else ''} -> {run.out}")
+
+
+def train_one_epoch(trainee: common.Trainee, inputs: ProbeInputs, args: argparse.Namespace,
+                    epoch: int) -> tuple[dict, str]:
+    """One epoch of the classifier over every train image; returns its record and lr text."""
+    optimizer = trainee.optimizer
+    lr = optimizer.param_groups[0]["lr"]
+    order = common.epoch_order(list(range(len(inputs.run.data.train))), args.seed, epoch, args.batch_size)
+    common.seed_augmentations(args.seed, epoch)
+    batches, total = inputs.train_batches(order)
+    trainee.module.train()
+    bar = common.progress_bar(batches, f"epoch {epoch + 1}/{args.epochs}", inputs.run.progress, total)
+    loss = common.sgd_pass(functools.partial(inputs.logits, trainee.module), optimizer, bar, inputs.run.device,
+                           lr=f"{lr:.3g}")
+    trainee.scheduler.step()
+    return {"train_loss": loss, "lr": lr}, f"{lr:.4g}"
+
+
+def evaluate(trainee: common.Trainee, inputs: ProbeInputs) -> dict:
+    """The classifier's accuracy and loss on the val split."""
+    logits = functools.partial(inputs.logits, trainee.module)
+    return common.accuracy_over(logits, inputs.val_batches(), inputs.run.data.num_classes, inputs.run.device)
+
+
+def report(args: argparse.Namespace, run: common.EvalRun, loop: common.EpochLoop, result: dict, precompute: bool,
+           t_start: float) -> dict:
+    """Write linear_metrics.json and linear_classifier.pth, print the top-1 line; returns the metrics."""
+    metrics = {**common.base_record("linear", run.source, run.cfg, run.data), "protocol": args.protocol,
+               "top1": result["top1"], "top5": result.get("top5"), "val_loss": result["loss"],
+               "hyperparameters": loop.hyper, "precomputed_features": precompute, "epochs_run": len(loop.history),
+               "wall_s": time.perf_counter() - t_start}
+    return common.write_report(run.out, "linear", metrics, loop.trainee.module.state_dict(), "linear_classifier.pth",
+                               "linear")
 
 
 def main(argv=None) -> dict:
+    """Train and evaluate the linear probe, write its outputs; returns the metrics."""
     args = parse_args(argv)
     t_start = time.perf_counter()
-    source, cfg, backbone, device = common.setup(args)
-    data = common.labelled_data(cfg)
-    if args.hflip is None:
-        args.hflip = data.hflip
-    out = args.out or common.default_out(source, f"linear-{args.protocol}")
-    os.makedirs(out, exist_ok=True)
-    progress = not args.no_progress
-    workers = cfg.data.num_workers
-    hyper = hyper_parameters(args)
+    run = common.prepare_run(args, f"linear-{args.protocol}")
     precompute = args.precompute == "on" or (args.precompute == "auto" and args.augment == "none")
-
-    backbone.eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(args.seed)
-    classifier = nn.Linear(backbone.feature_dim, data.num_classes)
-    classifier.weight.data.normal_(0.0, 0.01)
-    classifier.bias.data.zero_()
-    classifier.to(device)
-    optimizer, scheduler = build_optimizer(classifier, args)
-
-    start_epoch, history = common.resume_training(out, hyper, args.resume, "classifier", classifier, optimizer, scheduler)
-
-    info(f"linear probe ({args.protocol}) of {source.weights} on {cfg.data.name}: {len(data.train)} train / "
-         f"{len(data.test)} val images, {data.num_classes} classes, feature dim {backbone.feature_dim}, "
-         f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr} ({args.schedule} {args.milestones}), "
-         f"augment {args.augment}{' (features precomputed)' if precompute else ''} -> {out}")
-    val_loader = common.make_loader(data.test, common.val_transform(data.recipe, data.image_size),
-                                    args.batch_size, workers)
-    train_tf = common.train_transform(args.augment, data.recipe, data.image_size, args.hflip)
-    val_feats = train_feats = None
-    if precompute and start_epoch < args.epochs:  # (a finished run that is resumed only reports)
-        train_feats, train_labels = common.extract_features(
-            backbone, common.make_loader(data.train, train_tf, args.batch_size, workers), device, progress,
-            "train features")
-        val_feats, val_labels = common.extract_features(backbone, val_loader, device, progress, "val features")
-
-    def evaluate() -> dict:
-        acc = common.Accuracy(data.num_classes)
-        with torch.no_grad():
-            if val_feats is not None:
-                for start in range(0, len(val_labels), args.batch_size):
-                    acc.update(classifier(val_feats[start:start + args.batch_size]),
-                               val_labels[start:start + args.batch_size])
-            else:
-                for x, y in tqdm(val_loader, desc="val", disable=not progress, leave=False, dynamic_ncols=True):
-                    y = y.to(device)
-                    acc.update(classifier(backbone(x.to(device, non_blocking=True)).float()), y)
-        return acc.result()
-
-    log = common.EpochLog(out, "linear")
-    result = history[-1]["val"] if history else None
-    all_indices = list(range(len(data.train)))
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        order = common.epoch_order(all_indices, args.seed, epoch, args.batch_size)
-        torch.manual_seed(args.seed * 100_003 + epoch)  # augmentations (main process) of this epoch
-        if train_feats is not None:
-            batches = _batches_of_features(train_feats, train_labels, torch.tensor(order, device=device),
-                                           args.batch_size)
-            total = -(-len(order) // args.batch_size)
-        else:
-            batches = common.make_loader(data.train, train_tf, args.batch_size, workers, order)
-            total = len(batches)
-        classifier.train()
-        loss_sum, n = 0.0, 0
-        bar = tqdm(batches, total=total, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False,
-                   dynamic_ncols=True)
-        for x, y in bar:
-            y = y.to(device)
-            if train_feats is None:
-                with torch.no_grad():
-                    x = backbone(x.to(device, non_blocking=True)).float()
-            loss = F.cross_entropy(classifier(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * y.numel()
-            n += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", lr=f"{lr:.3g}", refresh=False)
-        scheduler.step()
-        record = {"train_loss": loss_sum / max(1, n), "lr": lr, "seconds": time.perf_counter() - t0}
-        last = epoch + 1 == args.epochs
-        if last or (epoch + 1) % max(1, args.eval_every) == 0:
-            result = evaluate()
-            record["val"] = result
-        history.append(record)
-        log.log(epoch + 1, record)
-        msg = f"epoch {epoch + 1}/{args.epochs}: loss {record['train_loss']:.4f}, lr {lr:.4g}"
-        if "val" in record:
-            msg += f", val top-1 {result['top1']:.2f}%" + (f" top-5 {result['top5']:.2f}%" if "top5" in result else "")
-        info(msg)
-        common.save_state(out, {"epoch": epoch + 1, "classifier": classifier.state_dict(),
-                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                "history": history, "hyper": hyper})
-    if result is None:  # resumed a finished run: evaluate the saved classifier again
-        result = evaluate()
-
-    metrics = {**common.base_record("linear", source, cfg, data), "protocol": args.protocol,
-               "top1": result["top1"], "top5": result.get("top5"), "val_loss": result["loss"],
-               "hyperparameters": hyper, "precomputed_features": precompute, "epochs_run": len(history),
-               "wall_s": time.perf_counter() - t_start}
-    path = common.write_json(os.path.join(out, "linear_metrics.json"), metrics)
-    torch.save(classifier.state_dict(), os.path.join(out, "linear_classifier.pth"))
-    info(f"wrote {path}")
-    print(f"linear top-1: {result['top1']:.2f}%" + (f" (top-5 {result['top5']:.2f}%)" if "top5" in result else ""),
-          flush=True)
-    return metrics
+    trainee = build_trainee(run, args)
+    loop = common.EpochLoop("linear", run.out, hyper_parameters(args), trainee, args.epochs, args.eval_every,
+                            args.resume)
+    announce(args, run, precompute)
+    # (a finished run that is resumed only reports: no features to compute)
+    inputs = ProbeInputs(run, args, precompute and loop.start < args.epochs)
+    result = loop.run(functools.partial(train_one_epoch, trainee, inputs, args),
+                      functools.partial(evaluate, trainee, inputs))
+    return report(args, run, loop, result, precompute, t_start)
 
 
 if __name__ == "__main__":
