@@ -18,16 +18,18 @@ epoch are saved every epoch in ``<out>/state.pt``; the same command resumes ther
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import mixfast  # noqa: F401  (torchvision compatibility shim first)
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from mixfast.engine.logging import info
 from mixfast.eval import common, subsets
@@ -39,6 +41,7 @@ DEFAULTS = {"epochs": 20, "batch_size": 256, "momentum": 0.9, "weight_decay": 0.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with SPEC §6's value for every flag not given."""
     parser = argparse.ArgumentParser(prog="python -m mixfast.eval.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
@@ -72,14 +75,14 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
-        self.fc = nn.Linear(backbone.feature_dim, num_classes)
-        self.fc.weight.data.normal_(0.0, 0.01)
-        self.fc.bias.data.zero_()
+        self.fc = common.linear_classifier(backbone.feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits of a batch of images."""
         return self.fc(self.backbone(x))
 
     def torchvision_state_dict(self) -> dict:
+        """Backbone and ``fc`` weights under torchvision's ResNet names, on the CPU."""
         state = {k: v.detach().cpu() for k, v in self.backbone.state_dict().items() if not k.startswith("fc.")}
         state.update({f"fc.{k}": v.detach().cpu() for k, v in self.fc.state_dict().items()})
         return state
@@ -95,118 +98,112 @@ def build_optimizer(model: Classifier, args) -> tuple[torch.optim.Optimizer, tor
 
 
 def hyper_parameters(args, subset_digest: str) -> dict:
+    """The settings (and subset) a resumed run must share with the saved one."""
     keys = ("labels", "epochs", "lr_backbone", "lr_classifier", "momentum", "weight_decay", "batch_size", "schedule",
             "milestones", "gamma", "augment", "hflip", "seed", "subset_seed", "subset_file")
     return {**{k: getattr(args, k) for k in keys}, "subset_digest": subset_digest}
 
 
-def choose_subset(args, data: common.LabelledData, out: str):
-    """(indices, file written or read)."""
+@dataclass
+class Subset:
+    """The labelled images fine-tuned on: their indices, the subset file and a digest of the indices."""
+
+    indices: np.ndarray
+    path: str
+    digest: str
+
+
+def choose_subset(args: argparse.Namespace, data: common.LabelledData, out: str) -> Subset:
+    """The ``--subset-file`` when given, else a class-balanced subset written to ``out``."""
     if args.subset_file:
         try:
             indices = subsets.read_subset(args.subset_file, data.train)
         except (FileNotFoundError, ValueError) as err:
             raise SystemExit(f"mixfast: {err}") from None
-        return indices, args.subset_file
-    indices = subsets.select_subset(common.dataset_labels(data.train), args.labels, args.subset_seed)
-    path = os.path.join(out, f"subset_{args.labels}pct_seed{args.subset_seed}.txt")
-    subsets.write_subset(path, indices, data.train,
-                         header=f"mixfast fine-tuning subset: {args.labels}% of the labels, class-balanced, "
-                                f"subset seed {args.subset_seed}, {len(indices)} of {len(data.train)} images")
-    return indices, path
+        path = args.subset_file
+    else:
+        indices = subsets.select_subset(common.dataset_labels(data.train), args.labels, args.subset_seed)
+        path = os.path.join(out, f"subset_{args.labels}pct_seed{args.subset_seed}.txt")
+        subsets.write_subset(path, indices, data.train,
+                             header=f"mixfast fine-tuning subset: {args.labels}% of the labels, class-balanced, "
+                                    f"subset seed {args.subset_seed}, {len(indices)} of {len(data.train)} images")
+    digest = hashlib.sha256(",".join(map(str, indices.tolist())).encode()).hexdigest()[:16]
+    return Subset(indices, path, digest)
+
+
+def build_trainee(run: common.EvalRun, args: argparse.Namespace) -> common.Trainee:
+    """Backbone + classifier (seeded by ``--seed``) with its two-group optimizer and schedule."""
+    torch.manual_seed(args.seed)
+    model = Classifier(run.backbone, run.data.num_classes).to(run.device)
+    return common.Trainee("model", model, *build_optimizer(model, args))
+
+
+def announce(args: argparse.Namespace, run: common.EvalRun, subset: Subset) -> None:
+    """One line with what is fine-tuned, on what, and how."""
+    data = run.data
+    info(f"fine-tune on {args.labels}% of the labels ({len(subset.indices)} of {len(data.train)} images, subset "
+         f"{subset.path}) of {run.source.weights} on {run.cfg.data.name}: {len(data.test)} val images, "
+         f"{data.num_classes} classes, {args.epochs} epochs, batch {args.batch_size}, lr backbone "
+         f"{args.lr_backbone} / classifier {args.lr_classifier} ({args.schedule} {args.milestones}), "
+         f"augment {args.augment} -> {run.out}")
+
+
+def train_one_epoch(trainee: common.Trainee, run: common.EvalRun, args: argparse.Namespace, subset: Subset,
+                    train_tf: Callable, epoch: int) -> tuple[dict, str]:
+    """One epoch of the whole network (BatchNorm in train mode) over the subset; returns its
+    record and lr text (backbone/classifier)."""
+    model, optimizer = trainee.module, trainee.optimizer
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    order = common.epoch_order(subset.indices, args.seed, epoch, args.batch_size)
+    common.seed_augmentations(args.seed, epoch)
+    loader = common.make_loader(run.data.train, train_tf, args.batch_size, run.workers, order)
+    model.train()
+    bar = common.progress_bar(loader, f"epoch {epoch + 1}/{args.epochs}", run.progress)
+    loss = common.sgd_pass(lambda x: model(x.to(run.device, non_blocking=True)), optimizer, bar, run.device)
+    trainee.scheduler.step()
+    return {"train_loss": loss, "lr_backbone": lrs[0], "lr_classifier": lrs[1]}, f"{lrs[0]:.3g}/{lrs[1]:.3g}"
+
+
+def evaluate(model: Classifier, run: common.EvalRun, val_loader: Iterable) -> dict:
+    """The model's accuracy and loss on the val split (BatchNorm in eval mode)."""
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(run.device, non_blocking=True)).float()
+
+    model.eval()
+    return common.accuracy_over(logits, common.progress_bar(val_loader, "val", run.progress), run.data.num_classes,
+                                run.device)
+
+
+def report(args: argparse.Namespace, run: common.EvalRun, loop: common.EpochLoop, subset: Subset, result: dict,
+           t_start: float) -> dict:
+    """Write finetune_metrics.json and finetuned_torchvision.pth, print the top-1 line; returns the metrics."""
+    metrics = {**common.base_record("finetune", run.source, run.cfg, run.data),
+               "protocol": f"semi-supervised {args.labels}%", "labels_percent": args.labels, "top1": result["top1"],
+               "top5": result.get("top5"), "val_loss": result["loss"],
+               "subset": {"file": subset.path, "images": int(len(subset.indices)), "digest": subset.digest},
+               "hyperparameters": loop.hyper, "epochs_run": len(loop.history), "wall_s": time.perf_counter() - t_start}
+    return common.write_report(run.out, "finetune", metrics, loop.trainee.module.torchvision_state_dict(),
+                               "finetuned_torchvision.pth", f"finetune ({args.labels}% labels)")
 
 
 def main(argv=None) -> dict:
+    """Fine-tune on the labelled subset, evaluate, write the outputs; returns the metrics."""
     args = parse_args(argv)
     t_start = time.perf_counter()
-    source, cfg, backbone, device = common.setup(args)
-    data = common.labelled_data(cfg)
-    if args.hflip is None:
-        args.hflip = data.hflip
-    if args.augment == "auto":
-        args.augment = "rrc" if data.image_size > 64 else "crop"
-    out = args.out or common.default_out(source, f"finetune-{args.labels}pct")
-    os.makedirs(out, exist_ok=True)
-    progress = not args.no_progress
-    workers = cfg.data.num_workers
-
-    indices, subset_path = choose_subset(args, data, out)
-    digest = hashlib.sha256(",".join(map(str, indices.tolist())).encode()).hexdigest()[:16]
-    hyper = hyper_parameters(args, digest)
-
-    torch.manual_seed(args.seed)
-    model = Classifier(backbone, data.num_classes).to(device)
-    optimizer, scheduler = build_optimizer(model, args)
-    trainee = common.Trainee("model", model, optimizer, scheduler)
-    start_epoch, history = common.resume_training(out, hyper, args.resume, trainee)
-
-    info(f"fine-tune on {args.labels}% of the labels ({len(indices)} of {len(data.train)} images, subset "
-         f"{subset_path}) of {source.weights} on {cfg.data.name}: {len(data.test)} val images, "
-         f"{data.num_classes} classes, {args.epochs} epochs, batch {args.batch_size}, lr backbone "
-         f"{args.lr_backbone} / classifier {args.lr_classifier} ({args.schedule} {args.milestones}), "
-         f"augment {args.augment} -> {out}")
-    train_tf = common.train_transform(args.augment, data.recipe, data.image_size, args.hflip)
-    val_loader = common.make_loader(data.test, common.val_transform(data.recipe, data.image_size),
-                                    args.batch_size, workers)
-
-    def evaluate() -> dict:
-        model.eval()
-        acc = common.Accuracy(data.num_classes)
-        with torch.no_grad():
-            for x, y in tqdm(val_loader, desc="val", disable=not progress, leave=False, dynamic_ncols=True):
-                acc.update(model(x.to(device, non_blocking=True)).float(), y.to(device))
-        return acc.result()
-
-    log = common.EpochLog(out, "finetune")
-    result = history[-1]["val"] if history else None
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.perf_counter()
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        order = common.epoch_order(indices, args.seed, epoch, args.batch_size)
-        torch.manual_seed(args.seed * 100_003 + epoch)
-        loader = common.make_loader(data.train, train_tf, args.batch_size, workers, order)
-        model.train()
-        loss_sum, n = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False,
-                   dynamic_ncols=True)
-        for x, y in bar:
-            y = y.to(device)
-            loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * y.numel()
-            n += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / n:.3f}", refresh=False)
-        scheduler.step()
-        record = {"train_loss": loss_sum / max(1, n), "lr_backbone": lrs[0], "lr_classifier": lrs[1],
-                  "seconds": time.perf_counter() - t0}
-        last = epoch + 1 == args.epochs
-        if last or (epoch + 1) % max(1, args.eval_every) == 0:
-            result = evaluate()
-            record["val"] = result
-        history.append(record)
-        log.log(epoch + 1, record)
-        msg = f"epoch {epoch + 1}/{args.epochs}: loss {record['train_loss']:.4f}, lr {lrs[0]:.3g}/{lrs[1]:.3g}"
-        if "val" in record:
-            msg += f", val top-1 {result['top1']:.2f}%" + (f" top-5 {result['top5']:.2f}%" if "top5" in result else "")
-        info(msg)
-        common.save_state(out, {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "history": history, "hyper": hyper})
-    if result is None:
-        result = evaluate()
-
-    metrics = {**common.base_record("finetune", source, cfg, data), "protocol": f"semi-supervised {args.labels}%",
-               "labels_percent": args.labels, "top1": result["top1"], "top5": result.get("top5"),
-               "val_loss": result["loss"], "subset": {"file": subset_path, "images": int(len(indices)),
-                                                      "digest": digest},
-               "hyperparameters": hyper, "epochs_run": len(history), "wall_s": time.perf_counter() - t_start}
-    path = common.write_json(os.path.join(out, "finetune_metrics.json"), metrics)
-    torch.save(model.torchvision_state_dict(), os.path.join(out, "finetuned_torchvision.pth"))
-    info(f"wrote {path}")
-    print(f"finetune ({args.labels}% labels) top-1: {result['top1']:.2f}%"
-          + (f" (top-5 {result['top5']:.2f}%)" if "top5" in result else ""), flush=True)
-    return metrics
+    run = common.prepare_run(args, f"finetune-{args.labels}pct")
+    if args.augment == "auto":  # decided here: it needs the data's image size
+        args.augment = "rrc" if run.data.image_size > 64 else "crop"
+    subset = choose_subset(args, run.data, run.out)
+    trainee = build_trainee(run, args)
+    loop = common.EpochLoop("finetune", run.out, hyper_parameters(args, subset.digest), trainee, args.epochs,
+                            args.eval_every, args.resume)
+    announce(args, run, subset)
+    train_tf = common.train_transform(args.augment, run.data.recipe, run.data.image_size, args.hflip)
+    val_loader = common.make_loader(run.data.test, common.val_transform(run.data.recipe, run.data.image_size),
+                                    args.batch_size, run.workers)
+    result = loop.run(functools.partial(train_one_epoch, trainee, run, args, subset, train_tf),
+                      functools.partial(evaluate, trainee.module, run, val_loader))
+    return report(args, run, loop, subset, result, t_start)
 
 
 if __name__ == "__main__":
