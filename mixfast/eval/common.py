@@ -61,6 +61,8 @@ class SourceError(ValueError):
 
 @dataclass
 class BackboneSource:
+    """The backbone weights a command evaluates and where they were found."""
+
     path: str                  # as given by the user
     kind: str                  # "export" | "checkpoint"
     weights: str               # the file actually read
@@ -69,6 +71,7 @@ class BackboneSource:
     run_dir: Optional[str]      # the run directory, when known
 
     def describe(self) -> dict:
+        """Where the weights came from, for the metrics file."""
         return {"path": self.path, "kind": self.kind, "weights": self.weights, "config": self.config_path}
 
 
@@ -91,6 +94,7 @@ def _newest_tag(ckpt_dir: Path) -> Path:
 
 
 def _config_near(*dirs: Path) -> Optional[Path]:
+    """The first of ``dirs`` that holds a config.json, that file; else None."""
     for d in dirs:
         if (d / CONFIG_NAME).is_file():
             return d / CONFIG_NAME
@@ -98,6 +102,7 @@ def _config_near(*dirs: Path) -> Optional[Path]:
 
 
 def _torch_load(path: Path) -> Any:
+    """``torch.load`` on the CPU; a file it cannot read is a SourceError naming it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001 - pickle/zip errors come in many types
@@ -227,6 +232,7 @@ def load_backbone(source: BackboneSource, cfg: RunConfig) -> nn.Module:
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The source, model, config, output and device flags of every command."""
     parser.add_argument("source", help="run directory, DeepSpeed checkpoint (dir, tag dir or model-states file), "
                                        "or exported backbone .pth")
     parser.add_argument("--config", default=None, help="run config JSON (default: the run's config.json)")
@@ -275,6 +281,7 @@ def setup(args: argparse.Namespace) -> tuple[BackboneSource, RunConfig, nn.Modul
 
 
 def default_out(source: BackboneSource, name: str) -> str:
+    """RUN/eval/<name>, or eval/<name> next to the weights when the run directory is unknown."""
     base = source.run_dir or os.path.dirname(os.path.abspath(source.weights))
     return os.path.join(base, "eval", name)
 
@@ -286,6 +293,8 @@ def default_out(source: BackboneSource, name: str) -> str:
 
 @dataclass
 class LabelledData:
+    """The run's labelled train and test splits and how its images are shaped and normalized."""
+
     train: Dataset   # base data set: (PIL image, label)
     test: Dataset
     num_classes: int
@@ -295,6 +304,7 @@ class LabelledData:
 
 
 def labelled_data(cfg: RunConfig) -> LabelledData:
+    """The splits the trainer's kNN monitor uses (untransformed), with the data settings."""
     data = build_datasets(cfg.data)
     return LabelledData(data.knn_train.base, data.knn_test.base, data.num_classes, cfg.data.augmentation,
                         cfg.data.image_size, cfg.data.hflip)
@@ -412,11 +422,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, schedule: str
 
 
 def check_milestones(milestones: Sequence[int], epochs: int) -> None:
+    """SystemExit unless ``--milestones`` are increasing positive epochs."""
     if any(m <= 0 for m in milestones) or list(milestones) != sorted(milestones):
         raise SystemExit(f"mixfast: --milestones must be increasing positive epochs, got {list(milestones)}")
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> list[int]:
+    """How many labels are among the top-k logits, for each k in ``ks``."""
     top = logits.topk(max(ks), dim=1).indices
     hit = top == labels[:, None]
     return [int(hit[:, :k].any(1).sum()) for k in ks]
@@ -432,6 +444,7 @@ class Accuracy:
     correct: list = field(default_factory=lambda: [0, 0])
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Count one batch."""
         ks = (1, 5) if self.num_classes > 5 else (1,)
         for i, c in enumerate(topk_correct(logits, labels, ks)):
             self.correct[i] += c
@@ -439,6 +452,7 @@ class Accuracy:
         self.n += labels.numel()
 
     def result(self) -> dict:
+        """Top-1 (top-5) in percent and the mean cross-entropy so far."""
         out = {"top1": 100.0 * self.correct[0] / max(1, self.n), "loss": self.loss_sum / max(1, self.n)}
         if self.num_classes > 5:
             out["top5"] = 100.0 * self.correct[1] / max(1, self.n)
@@ -459,12 +473,14 @@ class EpochLog:
         self.name = name
 
     def log(self, epoch: int, metrics: dict) -> None:
+        """Append one record, stamped with the time, command and epoch."""
         record = {"time": time.time(), "command": self.name, "epoch": epoch, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def write_json(path: str, obj: dict) -> str:
+    """Write ``obj`` as indented JSON atomically (write, then rename); returns ``path``."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -527,6 +543,7 @@ def resume_training(out: str, hyper: dict, how: str, trainee: Trainee) -> tuple[
 
 
 def base_record(name: str, source: BackboneSource, cfg: RunConfig, data: LabelledData) -> dict:
+    """The metrics-file fields every command writes: command, source, model and data."""
     return {"command": name, "source": source.describe(),
             "model": {"arch": cfg.model.arch, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem},
             "data": {**{k: v for k, v in dump_config(cfg)["data"].items()
