@@ -12,7 +12,7 @@ Every benchmark script (bench_mix.py, bench_infonce.py, ...) follows the same re
 
 On a GPU the timers measure device time: many back-to-back calls between two CUDA events,
 queued behind a spin kernel so that the host's launch cost cannot hide in the measurement,
-plus the host's own issue time per call (see ``time_fn``). Timing one call between events
+plus the host's own issue time per call, from a separate pass (see ``_time_calls``). Timing one call between events
 right after a sync measured the host whenever the kernel was shorter than its launch.
 
 Importable both as ``benchmarks.common`` (from the repository root) and as ``common``
@@ -69,7 +69,8 @@ def device_name(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD's hash, with ``+dirty`` when the work tree has uncommitted changes."""
+    """HEAD's hash, with ``+dirty`` when the work tree has uncommitted changes; where the
+    checkout has no git metadata (a copy sent to another machine), ``MIXFAST_COMMIT`` if set."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -77,7 +78,7 @@ def git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("MIXFAST_COMMIT") or "unknown"
 
 
 def _version(module: str) -> Optional[str]:
@@ -220,62 +221,61 @@ def _gpu_cycles_per_us(device: torch.device) -> Optional[float]:
     return _SLEEP_CYCLES_PER_US[key]
 
 
-def _time_calls(fn: Callable[[], object], device: torch.device, calls: int, host_estimate_us: float = 0.0,
-                setup: Optional[Callable[[int], object]] = None) -> tuple[float, float]:
+def _time_calls(fn: Callable[[], object], device: torch.device, calls: int,
+                setup: Optional[Callable[[int], object]] = None,
+                between: Optional[Callable[[], object]] = None) -> tuple[float, float]:
     """(device µs per call, host µs per call) of ``calls`` back-to-back calls of ``fn``.
 
-    CPU: wall time of the calls (both numbers are the same). CUDA: two events around the calls
-    measure the stream's time. If the host issued the calls while the stream was idle, the
-    stream would wait for the host between kernels and the events would measure host issue
-    time whenever it exceeds the kernels' time (the old one-call timer's flaw). So a spin
-    kernel first keeps the stream busy for longer than issuing the calls takes (``host_estimate_us``
-    per call, from an earlier sample): the calls queue up behind it and then run back to
-    back, and the events see device time only. The host time is the wall time of the issuing
-    loop, stopped before the sync. A call that synchronizes inside (``.item()``) still waits;
-    its host time then includes that wait, as it would in a training step.
-    ``setup(calls)``, if given, runs first, untimed (e.g. fresh forwards for a backward)."""
+    CPU: wall time of the calls (both numbers are the same). CUDA: two passes of ``calls``
+    calls each. The host pass times the issuing loop (wall time, no sync inside the loop), then
+    syncs: the host's cost per call, including any wait a call makes itself (``.item()``). The
+    device pass times the calls between two CUDA events. Issued onto an idle stream, the
+    kernels would wait for the host between launches, and the events would measure host issue
+    time wherever it exceeds the kernels' time (the flaw of timing one call between events). So a
+    spin kernel first keeps the stream busy for longer than the host pass took: the calls queue
+    up behind it and then run back to back, and the events see device time only. A call that
+    synchronizes inside still serializes host and device in both passes, as in a training step.
+    ``setup(calls)`` runs untimed before each pass (e.g. fresh forwards for a backward);
+    ``between()`` runs between the passes (e.g. a cache flush)."""
     if setup is not None:
         setup(calls)
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        dt = (time.perf_counter() - t0) * 1e6 / calls
-        return dt, dt
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    rate = _gpu_cycles_per_us(device) if host_estimate_us > 0 else None
-    if rate:
-        # 25% margin over the last sample's issue time, capped at 0.2 s of spinning
-        torch.cuda._sleep(int(min(1.25 * host_estimate_us * calls + 50.0, 2e5) * rate))
-    a.record()
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     host = (time.perf_counter() - t0) * 1e6 / calls
+    if device.type != "cuda":
+        return host, host
+    torch.cuda.synchronize(device)
+    if between is not None:
+        between()
+    if setup is not None:
+        setup(calls)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rate = _gpu_cycles_per_us(device)
+    if rate:
+        # 25% margin over the host pass (plus 50 µs); at most 0.2 s of spinning
+        torch.cuda._sleep(int(min(1.25 * host * calls + 50.0, 2e5) * rate))
+    a.record()
+    for _ in range(calls):
+        fn()
     b.record()
     b.synchronize()
     return a.elapsed_time(b) * 1e3 / calls, host
 
 
-# _next_estimate: the spin before a sample is sized from the fastest issue time seen so far, not
-# the last one: when the launch queue fills (about a thousand pending kernels) the host waits for
-# the device, its issue time then includes that wait, and sizing the next spin from it would grow
-# the spin sample after sample. A full queue means the device is the bottleneck anyway.
-
-
 def _calls_per_sample(fn: Callable[[], object], device: torch.device, calls: Optional[int], max_calls: int,
-                      setup: Optional[Callable[[int], object]]) -> tuple[int, float]:
-    """How many back-to-back calls make one sample (CUDA: enough for ~2 ms of device time,
-    at least 3, at most ``max_calls``, and no more than ~0.1 s of host issue time), and the host
-    µs per call seen while deciding."""
+                      setup: Optional[Callable[[int], object]]) -> int:
+    """How many back-to-back calls make one sample: 1 on the CPU; on a GPU ``calls`` or enough
+    for ~2 ms of device time, at least 3, at most ``max_calls``, and no more than ~0.1 s of host
+    issue time per pass."""
     if device.type != "cuda":
-        return calls or 1, 0.0
-    dev_us, host_us = _time_calls(fn, device, 3, 0.0, setup)
-    if calls is None:
-        calls = math.ceil(2000.0 / max(dev_us, 1e-3))
-        calls = min(calls, int(1e5 / max(host_us, 1e-3)))
-        calls = max(3, min(calls, max_calls))
-    return calls, host_us
+        return calls or 1
+    if calls is not None:
+        return calls
+    dev_us, host_us = _time_calls(fn, device, 3, setup)
+    n = math.ceil(2000.0 / max(dev_us, 1e-3))
+    n = min(n, int(1e5 / max(host_us, 1e-3)))
+    return max(3, min(n, max_calls))
 
 
 def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 3, reps: int = 25,
@@ -284,9 +284,9 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
     """Time ``fn()`` and return per-call median / p20 / p80 in microseconds (and host µs/call).
 
     CPU: each repetition is one call (perf_counter), so the quantiles show the spread.
-    CUDA: each repetition is ``calls`` back-to-back calls between two events, queued behind a
-    spin kernel so the events measure the device (see :func:`_time_calls`); ``calls=None``
-    picks the number. Runs at least ``reps`` repetitions and keeps going until ``min_time_s``
+    CUDA: each repetition is ``calls`` back-to-back calls, issued once for the host's time and
+    once between two events behind a spin kernel for the device's (see :func:`_time_calls`);
+    ``calls=None`` picks the number. Runs at least ``reps`` repetitions and keeps going until ``min_time_s``
     has passed, but never past ``max_time_s`` (slow reference rows). ``backend`` is the
     ``MIXFAST_BACKEND`` of the calls (set outside the timed region); ``setup(n)`` runs untimed
     before each batch of ``n`` calls.
@@ -298,15 +298,14 @@ def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", war
         for _ in range(warmup):
             fn()
         _sync(device)
-        n, host_est = _calls_per_sample(fn, device, calls, max_calls, setup)
+        n = _calls_per_sample(fn, device, calls, max_calls, setup)
         dev_times: list[float] = []
         host_times: list[float] = []
         start = time.perf_counter()
         while True:
-            d, h = _time_calls(fn, device, n, host_est, setup)
+            d, h = _time_calls(fn, device, n, setup)
             dev_times.append(d)
             host_times.append(h)
-            host_est = min(host_est, h) if host_est else h  # see _next_estimate
             spent = time.perf_counter() - start
             if (len(dev_times) >= reps and spent >= min_time_s) or spent >= max_time_s:
                 break
@@ -345,13 +344,12 @@ def time_round_robin(fns: dict, *, device: torch.device | str = "cpu", warmup: i
     device = torch.device(device)
     backends = backends or {}
     n_calls: dict = {}
-    host_est: dict = {}
     for name, fn in fns.items():
         with mixfast_backend(backends.get(name)):
             for _ in range(warmup):
                 fn()
             _sync(device)
-            n_calls[name], host_est[name] = _calls_per_sample(fn, device, calls, max_calls, None)
+            n_calls[name] = _calls_per_sample(fn, device, calls, max_calls, None)
     dev_samples: dict = {name: [] for name in fns}
     host_samples: dict = {name: [] for name in fns}
     order = list(fns)
@@ -363,10 +361,10 @@ def time_round_robin(fns: dict, *, device: torch.device | str = "cpu", warmup: i
             with mixfast_backend(backends.get(name)):
                 if flush:
                     flush_caches(device)
-                d, h = _time_calls(fns[name], device, n_calls[name], host_est[name])
+                d, h = _time_calls(fns[name], device, n_calls[name],
+                                   between=(lambda: flush_caches(device)) if flush else None)
             dev_samples[name].append(d)
             host_samples[name].append(h)
-            host_est[name] = min(host_est[name], h) if host_est[name] else h  # see _next_estimate
         if rnd >= 2 and time.perf_counter() - start > max_time_s:
             break
     return {name: _summary(dev_samples[name], host_samples[name] if device.type == "cuda" else [], n_calls[name])
@@ -424,12 +422,19 @@ def write_results(name: str, rows: list[dict], env: dict, out_dir: Path | str = 
     different machines sit side by side.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tag = tag or f"{env.get('device_type', 'dev')}-{slug(str(env.get('device', '')))}"
-    jpath = out_dir / f"{name}-{tag}.json"
-    cpath = out_dir / f"{name}-{tag}.csv"
+    return write_results_file(out_dir / f"{name}-{tag}.json", name, rows, env)
+
+
+def write_results_file(path: Path | str, name: str, rows: list[dict], env: dict,
+                       extra: Optional[dict] = None) -> tuple[Path, Path]:
+    """Write ``path`` (JSON: benchmark name, environment, ``extra`` keys, rows) and a CSV twin
+    next to it (same name, ``.csv``: rows + env columns)."""
+    jpath = Path(path)
+    cpath = jpath.with_suffix(".csv")
+    jpath.parent.mkdir(parents=True, exist_ok=True)
     with open(jpath, "w", encoding="utf-8") as f:
-        json.dump({"benchmark": name, "environment": env, "rows": rows}, f, indent=1, default=str)
+        json.dump({"benchmark": name, "environment": env, **(extra or {}), "rows": rows}, f, indent=1, default=str)
         f.write("\n")
     env_cols = {k: env.get(k) for k in ("device", "torch", "triton", "commit", "date_utc")}
     fields: list[str] = []
