@@ -445,6 +445,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=_positive, default=None, help="timed steps per row (default: 20 GPU, 5 CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default: 3 GPU, 2 CPU)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=_positive, default=None,
+                    help="torch CPU threads (default: torch's; 1 keeps a CPU run on a busy machine from "
+                         "thrashing in OpenMP's spin-waits)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the fixed batch and of the round order")
     ap.add_argument("--results-file", default=None, metavar="PATH",
                     help="write the results as JSON to PATH (and CSV next to it)")
@@ -485,13 +488,15 @@ def resolve_sizes(args) -> dict:
     return {"config": args.config, "arch": cfg.model.arch, "width": cfg.model.width, "batch": args.batch,
             "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
             "method": cfg.method.name, "mixmask": cfg.mixing.mixmask.enabled, "unmix": cfg.mixing.unmix.enabled,
-            "bn_splits": cfg.model.bn_splits, "overrides": list(args.overrides),
+            "bn_splits": cfg.model.bn_splits, "overrides": list(args.overrides), "threads": torch.get_num_threads(),
             "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = resolve_sizes(args)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     from mixfast.engine import distributed as dist_utils

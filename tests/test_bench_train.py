@@ -1,7 +1,8 @@
 """Smoke test of benchmarks/bench_train.py: the build-up table on the CPU with a tiny ResNet.
 
 One run in a subprocess (as a user runs it, on the CPU even where a GPU exists): 16 images of 32², a width-4
-ResNet-18, one warm-up and two timed steps per row, the rows that can run on a CPU. Checks that the table has every
+ResNet-18, one warm-up and two timed steps per row, the rows that can run on a CPU, one torch thread (two threads
+on a shared 2-core machine spin in OpenMP and run 10-50x slower). Checks that the table has every
 column, that the rows that ran have finite numbers, that a row that fails is reported with its error instead of
 stopping the others, and that --results-file writes the JSON and its CSV twin. Not a timing test: the numbers are
 not compared with anything.
@@ -33,7 +34,7 @@ def _cell_number(text: str) -> float:
 def test_bench_train_cpu_smoke(tmp_path):
     results = tmp_path / "out" / "train.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--device", "cpu", "--arch", "resnet18",
-           "--width", "4", "--batch", "16", "--image-size", "32", "--steps", "2", "--warmup", "1",
+           "--width", "4", "--batch", "16", "--image-size", "32", "--steps", "2", "--warmup", "1", "--threads", "1",
            "--set", "method.queue_size=256", "--rows", ",".join(MUST_RUN[:2] + MAY_FAIL + MUST_RUN[2:]),
            "--results-file", str(results)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
