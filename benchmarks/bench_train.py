@@ -44,7 +44,6 @@ twin; `--update-readme` replaces the `train` section of benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import logging
 import math

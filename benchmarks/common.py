@@ -12,8 +12,9 @@ Every benchmark script (bench_mix.py, bench_infonce.py, ...) follows the same re
 
 On a GPU the timers measure device time: many back-to-back calls between two CUDA events,
 queued behind a spin kernel so that the host's launch cost cannot hide in the measurement,
-plus the host's own issue time per call, from a separate pass (see ``_time_calls``). Timing one call between events
-right after a sync measured the host whenever the kernel was shorter than its launch.
+plus the host's own issue time per call, from a separate pass (see ``_time_calls``).
+Timing one call between events right after a sync measured the host whenever the kernel
+was shorter than its launch.
 
 Importable both as ``benchmarks.common`` (from the repository root) and as ``common``
 (when a script in this folder is run directly).
@@ -183,7 +184,7 @@ def mixfast_backend(name: Optional[str]):
     """``MIXFAST_BACKEND=name`` for the duration of the block (``None``: leave it as it is).
 
     The ops read the variable at every call. A benchmark passes the backend of each candidate
-    to the timer (``backends=`` of :func:`time_fn` / :func:`time_round_robin`), which enters
+    to the timer (``backend=`` of :func:`time_fn`, ``backends=`` of :func:`time_round_robin`), which enters
     this around a whole sample of calls, outside the timed region: setting it inside the timed
     callable would add its cost to every call's host time."""
     if name is None:
