@@ -21,6 +21,9 @@ Columns: forward, backward (of a fresh forward) and forward+backward times (medi
 2*M*D*(K+B) flops forward and twice that backward; the time floor max(flops / measured matmul rate, bytes / measured
 copy bandwidth) and the fraction of it reached; the op's peak extra memory for forward+backward.
 
+Times on a GPU are device time per call: several calls back to back between two CUDA events, queued behind a spin
+kernel so the host's launch cost does not show (common.time_fn); the host's issue time per call is its own column.
+
 Peak extra memory: on a GPU, torch.cuda.max_memory_allocated() above what the inputs hold. On the CPU torch has no
 allocator statistics, so each row runs once more in a fresh subprocess: after a warm-up call the kernel's peak-RSS
 mark is reset (/proc/self/clear_refs), and the peak RSS of one forward+backward above the RSS before it is reported.
@@ -47,12 +50,12 @@ import torch.nn.functional as F
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (Timing, add_repo_to_path, copy_timing, env_line, environment, render_table, time_fn,
-                        update_readme, write_results)
+    from common import (Timing, add_repo_to_path, copy_timing, env_line, environment, mixfast_backend,
+                        render_table, time_fn, update_readme, write_results)
     add_repo_to_path()
 else:
-    from benchmarks.common import (Timing, copy_timing, env_line, environment, render_table, time_fn, update_readme,
-                                   write_results)
+    from benchmarks.common import (Timing, copy_timing, env_line, environment, mixfast_backend, render_table, time_fn,
+                                   update_readme, write_results)
 
 from mixfast.ops import infonce, reference  # noqa: E402
 from mixfast.ops.infonce import soft_infonce  # noqa: E402
@@ -62,6 +65,9 @@ ROWS = ("paper", "eager", "compile", "chunked", "triton", "cuda")
 ROW_LABELS = {"paper": "(a) paper code", "eager": "(b) eager, one matmul", "compile": "(c) torch.compile (b)",
               "chunked": "(d) chunked CPU", "triton": "(e) Triton", "cuda": "(f) CUDA"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# MIXFAST_BACKEND of the op rows: set around a row's measurements (the op reads it at every call), outside the
+# timed calls
+ROW_BACKEND = {"chunked": "cpu", "triton": "triton", "cuda": "cuda"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,14 +160,13 @@ def row_available(row: str, device: torch.device) -> bool:
 
 
 def loss_fn(row: str) -> Callable[[Problem, torch.Tensor], torch.Tensor]:
-    """The row's loss; sets MIXFAST_BACKEND for the op rows (the op reads it at every call)."""
+    """The row's loss; the op rows run it under their ROW_BACKEND (mixfast_backend)."""
     if row == "paper":
         return loss_paper
     if row == "eager":
         return loss_eager
     if row == "compile":
         return torch.compile(loss_eager, dynamic=False)
-    os.environ["MIXFAST_BACKEND"] = {"chunked": "cpu", "triton": "triton", "cuda": "cuda"}[row]
     return loss_op
 
 
@@ -177,7 +182,20 @@ def _sync(device: torch.device) -> None:
 
 def time_backward(make_loss: Callable[[], torch.Tensor], device: torch.device, reps: int, warmup: int,
                   max_time_s: float) -> Timing:
-    """Backward alone: each repetition runs a fresh forward untimed, then times loss.backward()."""
+    """Backward alone: each repetition runs a fresh forward untimed, then times loss.backward().
+
+    On a GPU a repetition is several backward calls back to back (common.time_fn: device time per call, and the
+    host's issue time), of as many forwards run untimed just before; at most 8 of them, since every pending
+    forward holds its saved tensors."""
+    if device.type == "cuda":
+        pending: list[torch.Tensor] = []
+
+        def fresh_forwards(n: int) -> None:
+            pending[:] = [make_loss() for _ in range(n)]
+            _sync(device)
+
+        return time_fn(lambda: pending.pop().backward(), device=device, warmup=warmup, reps=reps,
+                       max_time_s=max_time_s, setup=fresh_forwards, max_calls=8)
     times: list[float] = []
     start = time.perf_counter()
     for i in range(warmup + reps):
@@ -236,12 +254,13 @@ def cpu_peak_extra_here(row: str, m: int, k: int, d: int, dtype: str) -> int:
     """Run in a fresh process (see the module docstring): peak RSS of one forward+backward above the RSS before."""
     p = make_problem(m, k, d, DTYPES[dtype], torch.device("cpu"))
     fn = loss_fn(row)
-    fn(p, p.q).backward()  # warm-up: lazy initializations, compilation
-    p.q.grad = None
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-        f.write("5")  # reset the peak-RSS mark to the current RSS
-    base = _status_bytes("VmRSS")
-    fn(p, p.q).backward()
+    with mixfast_backend(ROW_BACKEND.get(row)):
+        fn(p, p.q).backward()  # warm-up: lazy initializations, compilation
+        p.q.grad = None
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # reset the peak-RSS mark to the current RSS
+        base = _status_bytes("VmRSS")
+        fn(p, p.q).backward()
     return _status_bytes("VmHWM") - base
 
 
@@ -258,6 +277,12 @@ def cpu_peak_extra(row: str, m: int, k: int, d: int, dtype: str) -> Optional[int
 
 def bench_row(row: str, p: Problem, m_requested: int, dtype: str, device: torch.device, args, rates: dict,
               reference_loss: float) -> dict:
+    with mixfast_backend(ROW_BACKEND.get(row)):
+        return _bench_row(row, p, m_requested, dtype, device, args, rates, reference_loss)
+
+
+def _bench_row(row: str, p: Problem, m_requested: int, dtype: str, device: torch.device, args, rates: dict,
+               reference_loss: float) -> dict:
     fn = loss_fn(row)
     q = p.q
 
@@ -288,6 +313,8 @@ def bench_row(row: str, p: Problem, m_requested: int, dtype: str, device: torch.
         "fwd_ms": t_f.median_us / 1e3, "fwd_p20_ms": t_f.p20_us / 1e3, "fwd_p80_ms": t_f.p80_us / 1e3,
         "bwd_ms": t_b.median_us / 1e3, "bwd_p20_ms": t_b.p20_us / 1e3, "bwd_p80_ms": t_b.p80_us / 1e3,
         "fwdbwd_ms": t_fb.median_us / 1e3, "fwdbwd_p20_ms": t_fb.p20_us / 1e3, "fwdbwd_p80_ms": t_fb.p80_us / 1e3,
+        # GPU only: the host's wall time to issue one call (the ms columns are device time there)
+        "fwd_host_us": t_f.host_us, "bwd_host_us": t_b.host_us, "fwdbwd_host_us": t_fb.host_us,
         "fwd_tflops": f_fwd / (t_f.median_us * 1e-6) / 1e12, "bwd_tflops": f_bwd / (t_b.median_us * 1e-6) / 1e12,
         "fwd_gflops": f_fwd / (t_f.median_us * 1e-6) / 1e9, "bwd_gflops": f_bwd / (t_b.median_us * 1e-6) / 1e9,
         "floor_fwdbwd_ms": (floor_f + floor_b) / 1e3, "floor_frac": (floor_f + floor_b) / t_fb.median_us,
@@ -304,6 +331,11 @@ def bench_row(row: str, p: Problem, m_requested: int, dtype: str, device: torch.
 
 
 def item3(args) -> dict:
+    with mixfast_backend("cpu"):  # row (d), chunked; (b) eager does not call the op
+        return _item3(args)
+
+
+def _item3(args) -> dict:
     device = torch.device("cpu")
     m, k, d = 768, 65536, 128
     p = make_problem(m, k, d, torch.float32, device)
@@ -354,7 +386,8 @@ def columns(gpu: bool) -> list[tuple[str, str]]:
             ("fwdbwd_p20_ms", "p20"), ("fwdbwd_p80_ms", "p80"),
             (f"fwd_{unit[0]}", f"fwd {unit[1]}"), (f"bwd_{unit[0]}", f"bwd {unit[1]}"),
             ("floor_fwdbwd_ms", "floor ms"), ("floor_frac", "floor / time"),
-            ("peak_extra_mb", "peak extra MiB"), ("mxk_mb", "M×K fp32 MiB")]
+            ("peak_extra_mb", "peak extra MiB"), ("mxk_mb", "M×K fp32 MiB")] + (
+        [("fwdbwd_host_us", "host µs/call (fwd+bwd)")] if gpu else [])
 
 
 def _ints(text: str) -> list[int]:

@@ -17,9 +17,12 @@ without switch images. Each row reports microseconds (median, p20, p80), GB/s fr
 bytes that must move (x read once, each output written once), that as % of a torch copy
 moving the same number of bytes (``dst.copy_(src)`` into a preallocated buffer; also
 ``src.clone()``, which allocates its output like the ops do), and the speed-up over (a)
-and (b). Each configuration times all its rows and both copies round-robin (one call of
-each per round, shuffled, caches flushed before each call), so load from other jobs on a
-shared machine hits them alike and no row inherits warm inputs from the one before.
+and (b). Each configuration times all its rows and both copies round-robin (one sample of
+each per round, shuffled, caches flushed before each sample), so load from other jobs on a
+shared machine hits them alike and no row inherits warm inputs from the one before. A
+sample is one call on the CPU; on a GPU it is several back-to-back calls between two CUDA
+events, queued behind a spin kernel so that the events see device time, not the host's
+launch cost (common.time_fn), and the host's issue time per call is a column of its own.
 
     python benchmarks/bench_mix.py                      # full sweep on this machine
     python benchmarks/bench_mix.py --batch 32 --size 224 --grid 8 --dtype float32 --layout nchw
@@ -52,6 +55,7 @@ from benchmarks.common import (  # noqa: E402
     env_line,
     environment,
     gbps,
+    mixfast_backend,
     render_table,
     time_round_robin,
     update_readme,
@@ -69,6 +73,8 @@ ROWS = {
     "triton": "(e) mixfast Triton",
     "cuda": "(f) mixfast CUDA",
 }
+# MIXFAST_BACKEND of the rows that call mixfast's op; the timer sets it outside the timed calls
+ROW_BACKEND = {"cpu": "cpu", "triton": "triton", "cuda": "cuda"}
 RATIO = 0.5
 
 
@@ -182,20 +188,8 @@ def make_fn(row: str, x: torch.Tensor, grid: int, want_switch: bool, compiled: d
         # marks the changing sizes dynamic), compile time is excluded by the warm-up calls
         fn = compiled.setdefault("mix", torch.compile(ref.mix))
         return lambda: reference_path(x, grid, want_switch, step(), mix_fn=fn)
-    backend = {"cpu": "cpu", "triton": "triton", "cuda": "cuda"}[row]
-
-    def run():
-        old = os.environ.get("MIXFAST_BACKEND")
-        os.environ["MIXFAST_BACKEND"] = backend
-        try:
-            return mixfast_path(x, grid, want_switch, step())
-        finally:
-            if old is None:
-                del os.environ["MIXFAST_BACKEND"]
-            else:
-                os.environ["MIXFAST_BACKEND"] = old
-
-    return run
+    # the backend is not set here but by the timer, around each sample (ROW_BACKEND)
+    return lambda: mixfast_path(x, grid, want_switch, step())
 
 
 def check_same(row: str, x, grid, want_switch):
@@ -203,7 +197,8 @@ def check_same(row: str, x, grid, want_switch):
     worthless): compare one call at step 1 with the reference."""
     if row in ("paper", "ref"):
         return
-    got = make_fn(row, x, grid, want_switch, {})()
+    with mixfast_backend(ROW_BACKEND.get(row)):
+        got = make_fn(row, x, grid, want_switch, {})()
     want = reference_path(x, grid, want_switch, 1)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]), f"{row} differs from the reference"
     if want_switch:
@@ -297,7 +292,8 @@ def item3(args) -> dict:
         "clone_2N": lambda: bufs[2][0].clone(),
         "clone_3N": lambda: bufs[3][0].clone(),
     }
-    timings = time_round_robin(cands, device=device, warmup=args.warmup, reps=args.reps, max_time_s=1e9)
+    timings = time_round_robin(cands, device=device, warmup=args.warmup, reps=args.reps, max_time_s=1e9,
+                               backends={"cpu": "cpu", "cpu_switch": "cpu"})
     med = {k: t.median_us for k, t in timings.items()}
     p20 = {k: t.p20_us for k, t in timings.items()}
     p80 = {k: t.p80_us for k, t in timings.items()}
@@ -419,13 +415,15 @@ def main(argv=None) -> list[dict]:
                             fns["copy"] = copy_fn(moved, device)
                             fns["clone"] = copy_fn(moved, device, allocate=True)
                             timings = time_round_robin(fns, device=device, warmup=args.warmup, reps=args.reps,
-                                                       max_time_s=args.max_row_seconds * len(fns))
+                                                       max_time_s=args.max_row_seconds * len(fns),
+                                                       backends={row: ROW_BACKEND.get(row) for row in rows})
                             clear_copy_buffers()
                             copy_t, clone_t = timings.pop("copy"), timings.pop("clone")
                             copy_gbps = gbps(moved, copy_t.median_us)
                             for row, t in timings.items():
                                 r = dict(config, impl=ROWS[row], row=row, us_median=t.median_us, us_p20=t.p20_us,
-                                         us_p80=t.p80_us, reps=t.reps, gbps=gbps(moved, t.median_us),
+                                         us_p80=t.p80_us, reps=t.reps, host_us=t.host_us, calls=t.calls,
+                                         gbps=gbps(moved, t.median_us),
                                          copy_us=copy_t.median_us, copy_gbps=copy_gbps,
                                          pct_of_copy=100.0 * copy_t.median_us / t.median_us,
                                          clone_us=clone_t.median_us,
@@ -437,6 +435,7 @@ def main(argv=None) -> list[dict]:
                                 results.append(r)
                                 print(f"B={B:<4} {S}x{S} g={grid:<2} {dtype_name:<8} {layout:<13} switch={sw:<3} "
                                       f"{ROWS[row]:<30} {t.median_us:>10.0f} us  [{t.p20_us:.0f}, {t.p80_us:.0f}]  "
+                                      + (f"host {t.host_us:.0f} us/call  " if t.host_us is not None else "") +
                                       f"{r['gbps']:6.2f} GB/s  {r['pct_of_copy']:5.1f}% of copy  "
                                       f"x{r['speedup_vs_paper']:.1f} vs (a)  x{r['speedup_vs_ref']:.1f} vs (b)",
                                       flush=True)
@@ -453,6 +452,8 @@ TABLE_COLUMNS = [
     ("gbps", "GB/s"), ("pct_of_copy", "% of copy"), ("pct_of_clone", "% of alloc. copy"),
     ("speedup_vs_paper", "× vs (a)"), ("speedup_vs_ref", "× vs (b)"),
 ]
+# GPU runs only: the host's wall time to issue one call (the µs columns are device time there)
+HOST_COLUMN = ("host_us", "host µs/call")
 
 
 def readme_section(results: list[dict], env: dict, csv_path: Path) -> str:
@@ -472,7 +473,7 @@ def readme_section(results: list[dict], env: dict, csv_path: Path) -> str:
         "(a) is the paper code's path (host BEiT mask, copy, `F.interpolate`, arithmetic blend, λ read back). Each "
         "configuration times its rows round-robin, shuffled, from flushed caches. " + gpu_note,
         "",
-        render_table(head, TABLE_COLUMNS),
+        render_table(head, TABLE_COLUMNS + ([HOST_COLUMN] if any(r.get("host_us") is not None for r in head) else [])),
     ])
 
 

@@ -4,11 +4,17 @@ result files (JSON + CSV) and the markdown tables in benchmarks/README.md.
 Every benchmark script (bench_mix.py, bench_infonce.py, ...) follows the same recipe:
 
     env = environment(device)                       # device name, versions, commit
-    t = time_fn(fn, device=device)                  # median / p20 / p80 in microseconds
+    t = time_fn(fn, device=device, backend="cuda")  # median / p20 / p80 µs per call (+ host µs/call on a GPU)
     ref = copy_timing(nbytes, device)               # a torch copy moving the same bytes
     rows.append({... "us": t.median_us, "gbps": gbps(nbytes, t.median_us), ...})
     paths = write_results("mix", rows, env)         # benchmarks/results/mix-<device>.{json,csv}
     update_readme("mix", render_table(rows, COLUMNS), env)
+
+On a GPU the timers measure device time: many back-to-back calls between two CUDA events,
+queued behind a spin kernel so that the host's launch cost cannot hide in the measurement,
+plus the host's own issue time per call, from a separate pass (see ``_time_calls``).
+Timing one call between events right after a sync measured the host whenever the kernel
+was shorter than its launch.
 
 Importable both as ``benchmarks.common`` (from the repository root) and as ``common``
 (when a script in this folder is run directly).
@@ -16,6 +22,7 @@ Importable both as ``benchmarks.common`` (from the repository root) and as ``com
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -63,7 +70,8 @@ def device_name(device: torch.device | str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD's hash, with ``+dirty`` when the work tree has uncommitted changes."""
+    """HEAD's hash, with ``+dirty`` when the work tree has uncommitted changes; where the
+    checkout has no git metadata (a copy sent to another machine), ``MIXFAST_COMMIT`` if set."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -71,7 +79,7 @@ def git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("MIXFAST_COMMIT") or "unknown"
 
 
 def _version(module: str) -> Optional[str]:
@@ -80,6 +88,17 @@ def _version(module: str) -> Optional[str]:
     except Exception:  # noqa: BLE001 - an optional dependency that fails to import is simply absent
         return None
     return getattr(mod, "__version__", "unknown")
+
+
+def _dist_version(distribution: str) -> Optional[str]:
+    """An installed distribution's version from its metadata, without importing it (importing
+    DeepSpeed picks an accelerator and takes seconds)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def environment(device: torch.device | str) -> dict:
@@ -91,6 +110,7 @@ def environment(device: torch.device | str) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _version("triton"),
+        "deepspeed": _dist_version("deepspeed"),
         "numpy": _version("numpy"),
         "cuda_runtime": torch.version.cuda,
         "commit": git_commit(),
@@ -115,13 +135,28 @@ def environment(device: torch.device | str) -> dict:
 
 @dataclass
 class Timing:
+    """Per-call times in microseconds: median / p20 / p80 over ``reps`` samples.
+
+    On the CPU a sample is one call (wall time). On a GPU a sample is ``calls`` back-to-back
+    calls timed between two CUDA events and divided by ``calls`` (see :func:`time_fn`), so the
+    quantiles are of the device time per call; ``host_us`` is the median wall time the host
+    spent issuing one call (no sync inside), which is what binds when it exceeds the device
+    time."""
+
     median_us: float
     p20_us: float
     p80_us: float
     reps: int
+    host_us: Optional[float] = None
+    calls: int = 1
 
     def as_dict(self, prefix: str = "") -> dict:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+    @property
+    def host_bound(self) -> bool:
+        """Issuing a call takes the host longer than the device needs to run it."""
+        return self.host_us is not None and self.host_us > self.median_us
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:
@@ -133,54 +168,157 @@ def _quantile(sorted_vals: Sequence[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
+def _summary(device_us: list[float], host_us: list[float], calls: int) -> Timing:
+    d, h = sorted(device_us), sorted(host_us)
+    return Timing(_quantile(d, 0.5), _quantile(d, 0.2), _quantile(d, 0.8), len(d),
+                  _quantile(h, 0.5) if h else None, calls)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _time_one_call(fn: Callable[[], object], device: torch.device) -> float:
-    """Microseconds of one call: CUDA events around it on a GPU, perf_counter on the CPU."""
-    if device.type == "cuda":
+@contextlib.contextmanager
+def mixfast_backend(name: Optional[str]):
+    """``MIXFAST_BACKEND=name`` for the duration of the block (``None``: leave it as it is).
+
+    The ops read the variable at every call. A benchmark passes the backend of each candidate
+    to the timer (``backend=`` of :func:`time_fn`, ``backends=`` of :func:`time_round_robin`), which enters
+    this around a whole sample of calls, outside the timed region: setting it inside the timed
+    callable would add its cost to every call's host time."""
+    if name is None:
+        yield
+        return
+    old = os.environ.get("MIXFAST_BACKEND")
+    os.environ["MIXFAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MIXFAST_BACKEND", None)
+        else:
+            os.environ["MIXFAST_BACKEND"] = old
+
+
+_SLEEP_CYCLES_PER_US: dict = {}
+
+
+def _gpu_cycles_per_us(device: torch.device) -> Optional[float]:
+    """Clock cycles per microsecond of ``torch.cuda._sleep`` on this GPU, measured once (the
+    spin kernel counts cycles; the clock is not queryable without NVML)."""
+    if not hasattr(torch.cuda, "_sleep"):
+        return None
+    key = str(device)
+    if key not in _SLEEP_CYCLES_PER_US:
+        cycles = 10_000_000
+        torch.cuda._sleep(1000)  # load the kernel
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        torch.cuda._sleep(cycles)
         b.record()
         b.synchronize()
-        return a.elapsed_time(b) * 1e3
+        _SLEEP_CYCLES_PER_US[key] = cycles / max(a.elapsed_time(b) * 1e3, 1.0)
+    return _SLEEP_CYCLES_PER_US[key]
+
+
+def _time_calls(fn: Callable[[], object], device: torch.device, calls: int,
+                setup: Optional[Callable[[int], object]] = None,
+                between: Optional[Callable[[], object]] = None) -> tuple[float, float]:
+    """(device µs per call, host µs per call) of ``calls`` back-to-back calls of ``fn``.
+
+    CPU: wall time of the calls (both numbers are the same). CUDA: two passes of ``calls``
+    calls each. The host pass times the issuing loop (wall time, no sync inside the loop), then
+    syncs: the host's cost per call, including any wait a call makes itself (``.item()``). The
+    device pass times the calls between two CUDA events. Issued onto an idle stream, the
+    kernels would wait for the host between launches, and the events would measure host issue
+    time wherever it exceeds the kernels' time (the flaw of timing one call between events). So a
+    spin kernel first keeps the stream busy for longer than the host pass took: the calls queue
+    up behind it and then run back to back, and the events see device time only. A call that
+    synchronizes inside still serializes host and device in both passes, as in a training step.
+    ``setup(calls)`` runs untimed before each pass (e.g. fresh forwards for a backward);
+    ``between()`` runs between the passes (e.g. a cache flush)."""
+    if setup is not None:
+        setup(calls)
     t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e6
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) * 1e6 / calls
+    if device.type != "cuda":
+        return host, host
+    torch.cuda.synchronize(device)
+    if between is not None:
+        between()
+    if setup is not None:
+        setup(calls)
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    rate = _gpu_cycles_per_us(device)
+    if rate:
+        # 25% margin over the host pass (plus 50 µs); at most 0.2 s of spinning
+        torch.cuda._sleep(int(min(1.25 * host * calls + 50.0, 2e5) * rate))
+    a.record()
+    for _ in range(calls):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / calls, host
+
+
+def _calls_per_sample(fn: Callable[[], object], device: torch.device, calls: Optional[int], max_calls: int,
+                      setup: Optional[Callable[[int], object]]) -> int:
+    """How many back-to-back calls make one sample: 1 on the CPU; on a GPU ``calls`` or enough
+    for ~2 ms of device time, at least 3, at most ``max_calls``, and no more than ~0.1 s of host
+    issue time per pass."""
+    if device.type != "cuda":
+        return calls or 1
+    if calls is not None:
+        return calls
+    dev_us, host_us = _time_calls(fn, device, 3, setup)
+    n = math.ceil(2000.0 / max(dev_us, 1e-3))
+    n = min(n, int(1e5 / max(host_us, 1e-3)))
+    return max(3, min(n, max_calls))
 
 
 def time_fn(fn: Callable[[], object], *, device: torch.device | str = "cpu", warmup: int = 3, reps: int = 25,
-            min_time_s: float = 0.0, max_time_s: float = 20.0) -> Timing:
-    """Time ``fn()`` once per repetition and return median / p20 / p80 in microseconds.
+            min_time_s: float = 0.0, max_time_s: float = 20.0, calls: Optional[int] = None, max_calls: int = 200,
+            backend: Optional[str] = None, setup: Optional[Callable[[int], object]] = None) -> Timing:
+    """Time ``fn()`` and return per-call median / p20 / p80 in microseconds (and host µs/call).
 
-    Each repetition is timed on its own (CUDA: events around the call; CPU: perf_counter),
-    so the quantiles show the spread. Runs at least ``reps`` repetitions and keeps going
-    until ``min_time_s`` has passed, but never past ``max_time_s`` (slow reference rows).
+    CPU: each repetition is one call (perf_counter), so the quantiles show the spread.
+    CUDA: each repetition is ``calls`` back-to-back calls, issued once for the host's time and
+    once between two events behind a spin kernel for the device's (see :func:`_time_calls`);
+    ``calls=None`` picks the number. Runs at least ``reps`` repetitions and keeps going until ``min_time_s``
+    has passed, but never past ``max_time_s`` (slow reference rows). ``backend`` is the
+    ``MIXFAST_BACKEND`` of the calls (set outside the timed region); ``setup(n)`` runs untimed
+    before each batch of ``n`` calls.
     """
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while True:
-        times.append(_time_one_call(fn, device))
-        spent = time.perf_counter() - start
-        if (len(times) >= reps and spent >= min_time_s) or spent >= max_time_s:
-            break
-    times.sort()
-    return Timing(_quantile(times, 0.5), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+    with mixfast_backend(backend):
+        if setup is not None and warmup:
+            setup(warmup)
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        n = _calls_per_sample(fn, device, calls, max_calls, setup)
+        dev_times: list[float] = []
+        host_times: list[float] = []
+        start = time.perf_counter()
+        while True:
+            d, h = _time_calls(fn, device, n, setup)
+            dev_times.append(d)
+            host_times.append(h)
+            spent = time.perf_counter() - start
+            if (len(dev_times) >= reps and spent >= min_time_s) or spent >= max_time_s:
+                break
+    return _summary(dev_times, host_times if device.type == "cuda" else [], n)
 
 
 _FLUSH: dict = {}
 
 
 def flush_caches(device: torch.device | str = "cpu", nbytes: int = 96 << 20) -> None:
-    """Stream ``nbytes`` (3x a 32 MB last-level cache) through memory so that the next
-    candidate starts without its inputs in the caches, as in a training step."""
+    """Stream ``nbytes`` (3x a 32 MB last-level cache; H200's L2 is 60 MB) through memory so
+    that the next candidate starts without its inputs in the caches, as in a training step."""
     device = torch.device(device)
     key = (str(device), nbytes)
     if key not in _FLUSH:
@@ -191,38 +329,47 @@ def flush_caches(device: torch.device | str = "cpu", nbytes: int = 96 << 20) -> 
 
 
 def time_round_robin(fns: dict, *, device: torch.device | str = "cpu", warmup: int = 2, reps: int = 25,
-                     max_time_s: float = 60.0, flush: bool = True, seed: int = 0) -> dict:
-    """Time several candidates in turn, one call of each per round, and return a
+                     max_time_s: float = 60.0, flush: bool = True, seed: int = 0,
+                     backends: Optional[dict] = None, calls: Optional[int] = None, max_calls: int = 200) -> dict:
+    """Time several candidates in turn, one sample of each per round, and return a
     :class:`Timing` per name. Load that comes and goes during the run (other jobs on a shared
     machine) then hits every candidate alike, which keeps ratios between them honest. The
-    order is shuffled every round and, with ``flush``, caches are flushed before each call,
+    order is shuffled every round and, with ``flush``, caches are flushed before each sample,
     so no candidate inherits warm inputs from the one before it.
+    A sample is one call on the CPU and ``calls`` back-to-back calls on a GPU (see
+    :func:`time_fn`; chosen per candidate when None). ``backends`` maps a candidate's name to
+    the ``MIXFAST_BACKEND`` it runs under (set around its samples, outside the timed region).
     Stops after ``reps`` rounds or once ``max_time_s`` has passed (at least 3 rounds)."""
     import random as _random
 
     device = torch.device(device)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    samples: dict = {name: [] for name in fns}
+    backends = backends or {}
+    n_calls: dict = {}
+    for name, fn in fns.items():
+        with mixfast_backend(backends.get(name)):
+            for _ in range(warmup):
+                fn()
+            _sync(device)
+            n_calls[name] = _calls_per_sample(fn, device, calls, max_calls, None)
+    dev_samples: dict = {name: [] for name in fns}
+    host_samples: dict = {name: [] for name in fns}
     order = list(fns)
     rng = _random.Random(seed)
     start = time.perf_counter()
     for rnd in range(reps):
         rng.shuffle(order)
         for name in order:
-            fn = fns[name]
-            if flush:
-                flush_caches(device)
-            samples[name].append(_time_one_call(fn, device))
+            with mixfast_backend(backends.get(name)):
+                if flush:
+                    flush_caches(device)
+                d, h = _time_calls(fns[name], device, n_calls[name],
+                                   between=(lambda: flush_caches(device)) if flush else None)
+            dev_samples[name].append(d)
+            host_samples[name].append(h)
         if rnd >= 2 and time.perf_counter() - start > max_time_s:
             break
-    out = {}
-    for name, vals in samples.items():
-        vals.sort()
-        out[name] = Timing(_quantile(vals, 0.5), _quantile(vals, 0.2), _quantile(vals, 0.8), len(vals))
-    return out
+    return {name: _summary(dev_samples[name], host_samples[name] if device.type == "cuda" else [], n_calls[name])
+            for name in fns}
 
 
 def gbps(nbytes: int, us: float) -> float:
@@ -276,12 +423,19 @@ def write_results(name: str, rows: list[dict], env: dict, out_dir: Path | str = 
     different machines sit side by side.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tag = tag or f"{env.get('device_type', 'dev')}-{slug(str(env.get('device', '')))}"
-    jpath = out_dir / f"{name}-{tag}.json"
-    cpath = out_dir / f"{name}-{tag}.csv"
+    return write_results_file(out_dir / f"{name}-{tag}.json", name, rows, env)
+
+
+def write_results_file(path: Path | str, name: str, rows: list[dict], env: dict,
+                       extra: Optional[dict] = None) -> tuple[Path, Path]:
+    """Write ``path`` (JSON: benchmark name, environment, ``extra`` keys, rows) and a CSV twin
+    next to it (same name, ``.csv``: rows + env columns)."""
+    jpath = Path(path)
+    cpath = jpath.with_suffix(".csv")
+    jpath.parent.mkdir(parents=True, exist_ok=True)
     with open(jpath, "w", encoding="utf-8") as f:
-        json.dump({"benchmark": name, "environment": env, "rows": rows}, f, indent=1, default=str)
+        json.dump({"benchmark": name, "environment": env, **(extra or {}), "rows": rows}, f, indent=1, default=str)
         f.write("\n")
     env_cols = {k: env.get(k) for k in ("device", "torch", "triton", "commit", "date_utc")}
     fields: list[str] = []
@@ -330,7 +484,8 @@ def render_table(rows: Iterable[dict], columns: Sequence[tuple[str, str]]) -> st
 
 def env_line(env: dict) -> str:
     """One line naming the device, versions and commit, shown above a table."""
-    return (f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton') or 'absent'}, "
+    ds = f", DeepSpeed {env['deepspeed']}" if env.get("deepspeed") else ""
+    return (f"Device: {env.get('device')}; torch {env.get('torch')}, triton {env.get('triton') or 'absent'}{ds}, "
             f"commit `{env.get('commit')}`, {env.get('date_utc')}.")
 
 

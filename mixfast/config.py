@@ -184,6 +184,11 @@ class TrainConfig(Section):
                             "peak activation memory of one branch instead of all, same gradients, one soft_infonce "
                             "call per branch; MoCo only (the other frameworks share features across branches and backpropagate once). 'auto' = on for CPU runs (host memory binds there), off on GPUs (one "
                             "fused soft_infonce call for all rows).")
+    compile: bool = Field(
+        False, description="torch.compile the encoders (backbone, projection head, predictor; query and key/target "
+                           "alike), each in place (nn.Module.compile), after deepspeed.initialize: parameter names, "
+                           "checkpoints and the exported backbone are unchanged. The first steps compile (minutes "
+                           "on a CPU; each new batch shape or train/eval switch compiles again).")
     checkpoint_every_steps: int = Field(1000, ge=1, description="Save a checkpoint every N steps (and always at epoch end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep on disk.")
     resume: str = Field("auto", description="'auto' = latest checkpoint in output_dir if any, 'none' = fresh start, or a checkpoint tag.")

@@ -50,6 +50,26 @@ def build_optimizer(params, cfg):
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+ENCODER_PARTS = ("backbone", "head", "predictor")
+
+
+def compile_encoders(*roots: torch.nn.Module) -> list[str]:
+    """torch.compile every encoder part below `roots` in place (train.compile); returns their names.
+
+    Parts, not whole modules: the query encoder runs through the DeepSpeed engine, but the key
+    and target encoders are called by the method through their own methods (`encode`), which a
+    compiled `forward` would miss; every part is called as a module, so compiling its `__call__`
+    in place (`nn.Module.compile`) covers both. In place also keeps parameter names and
+    state_dict keys, so checkpoints, the EMA updates and the backbone export see the same modules."""
+    names = []
+    for root in roots:
+        for name, module in root.named_modules():
+            if name.rsplit(".", 1)[-1] in ENCODER_PARTS:
+                module.compile()
+                names.append(name)
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run configuration (JSON)")
@@ -88,6 +108,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(self.total_steps, warmup, cfg.optim))
         self.engine, _, _, _ = deepspeed.initialize(
             model=trained, optimizer=optimizer, lr_scheduler=scheduler, config=to_deepspeed_config(cfg, self.world))
+        if cfg.train.compile:
+            compile_encoders(self.engine.module, self.method)
 
         self.logger = MetricsLogger(cfg.train.output_dir, cfg.log.tensorboard)
         self._finite: torch.Tensor | None = None  # all losses since the last read finite (device flag)
