@@ -13,11 +13,14 @@ stays out of the pytest process) trains in-process, in fresh Trainers:
 
 and writes what it saw to a JSON report that the tests below read.
 
-Why parameters matter: DeepSpeed's ZeRO 1/2 re-point every `p.data` into a flat buffer that
-the optimizer updates. A layout conversion after `deepspeed.initialize` replaces `p.data`,
-and the module would then keep its initial weights while the optimizer trains the buffer;
-so the tests require every trained parameter to change and the losses to follow the NCHW
-run, and (where DeepSpeed exposes it) every parameter to still live in the flat buffer.
+Why parameters matter: ZeRO 1/2 point every `p.data` into a flat buffer that the optimizer
+updates (at `deepspeed.initialize`, and again after every optimizer step in DeepSpeed 0.19),
+and reduce gradients as `grad.view(-1)`. Converting the trained module to channels_last
+after `initialize` replaces `p.data`: the 3x3 weights' channels_last gradients then fail that
+view; a DeepSpeed that did not re-point after each step would train a buffer the module no
+longer reads. So the tests require every trained parameter to change, the losses to follow
+the NCHW run, the parameters to stay contiguous and, where DeepSpeed exposes the buffers
+(ZeRO 1/2), to live in them.
 """
 
 from __future__ import annotations

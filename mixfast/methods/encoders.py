@@ -10,7 +10,8 @@ plain contiguous because DeepSpeed needs them so: `deepspeed.initialize` broadca
 one as `p.data.view(torch.uint8)` (refused for a channels_last 3x3 weight), and ZeRO 1/2
 re-point every `p.data` into one flat buffer and reduce gradients as `grad.view(-1)` (a
 channels_last parameter gets channels_last gradients, which refuse that view). Converting
-after `initialize` would replace `p.data` and cut the parameter off that buffer. The frozen
+after `initialize` replaces `p.data` behind DeepSpeed's back (ZeRO 1/2 then fail at that
+view, and rely on re-pointing p.data after every step to stay attached). The frozen
 copies outside DeepSpeed (MoCo's key encoder, BYOL's target) can and do take channels_last
 weights: `to_memory_format`.
 """
