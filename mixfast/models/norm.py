@@ -19,6 +19,7 @@ like x, through the free view `x.view(n // s, s, c, h, w)`.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -40,63 +41,71 @@ def _group_sums(t: torch.Tensor, splits: int, dtype: torch.dtype) -> torch.Tenso
 class _SplitBatchNormFn(torch.autograd.Function):
     """Training-mode batch norm with statistics per (group, channel), layout-preserving.
 
-    forward(x, weight, bias, splits, eps) -> (out, mean, var): out has x's dtype and
-    strides; mean and the biased var are [splits, c] in float32 (float64 for float64 x),
-    without gradient (the module folds them into its running statistics). Two-pass
-    statistics (mean, then the centred sum of squares) as the native kernels, so a large
-    mean does not cancel the variance. The backward is batch norm's gradient written out
-    in terms of the saved centred input.
+    forward(x, weight, bias, splits, eps) -> (out, sum_x, sum_sq): out has x's dtype and
+    strides; sum_x = Σ x and sum_sq = Σ (x - mean)² per (group, channel), [splits, c], in
+    float32 (float64 for float64 x) and without gradient: the module turns them into its
+    running statistics. Two-pass statistics (the mean, then the centred sum of squares), as
+    the native kernels, so a large mean does not cancel the variance.
+
+    With m = values per (group, channel) and r = 1 / sqrt(sum_sq + eps·m) (so that
+    invstd = r·sqrt(m)), the backward is batch norm's gradient written out in terms of the
+    saved centred input xc:  dx = k·dy - k·Σdy/m - k·r²·Σ(dy·xc)·xc,  k = weight·invstd.
+    The per-(group, channel) scalars m and sqrt(m) ride on `alpha` / `value` arguments
+    instead of extra small ops.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 splits: int, eps: float):
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         with torch.autocast(x.device.type, enabled=False):  # the dtypes below are chosen here
             n, c, h, w = x.shape
-            shape5 = (n // splits, splits, c, h, w)  # splitting dim 0 is a view in any layout
-            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            shape5, stat5 = (n // splits, splits, c, h, w), (splits, c, 1, 1)  # splitting dim 0: a view in any layout
             count = (n // splits) * h * w
-            mean = _group_sums(x, splits, acc).div_(count)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            sum_x = _group_sums(x, splits, acc)
             centred = torch.empty_like(x)  # preserve_format: x's strides, so its 5-D view is free
-            torch.sub(x.view(shape5), mean[..., None, None], out=centred.view(shape5))
-            var = _group_sums(centred * centred, splits, acc).div_(count)
-            invstd = torch.rsqrt(var + eps)
-            scale = invstd if weight is None else invstd * weight
+            torch.add(x.view(shape5), sum_x.view(stat5), alpha=-1.0 / count, out=centred.view(shape5))
+            sum_sq = _group_sums(centred * centred, splits, acc)
+            r = torch.rsqrt(sum_sq + eps * count)
             out = torch.empty_like(x)
-            # out = centred * scale + bias, computed in the accumulation dtype, rounded once.
+            # out = centred·weight·invstd + bias, computed in `acc`, rounded once to x.dtype.
+            scale = r if weight is None else r * weight
             if bias is None:
-                torch.mul(centred.view(shape5), scale[..., None, None], out=out.view(shape5))
+                torch.mul(centred.view(shape5), scale.mul_(math.sqrt(count)).view(stat5), out=out.view(shape5))
             else:
-                torch.addcmul(bias[:, None, None], centred.view(shape5), scale[..., None, None], out=out.view(shape5))
-        ctx.save_for_backward(centred, weight, invstd)
-        ctx.splits = splits
+                torch.addcmul(bias.view(c, 1, 1), centred.view(shape5), scale.view(stat5), value=math.sqrt(count),
+                              out=out.view(shape5))
+        ctx.save_for_backward(centred, weight, r)
+        ctx.splits, ctx.count = splits, count
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        ctx.mark_non_differentiable(sum_x, sum_sq)
+        return out, sum_x, sum_sq
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor, _grad_mean, _grad_var):
+    def backward(ctx, grad_out: Optional[torch.Tensor], _grad_sum_x, _grad_sum_sq):
+        if grad_out is None:
+            return None, None, None, None, None
         with torch.autocast(grad_out.device.type, enabled=False):
-            centred, weight, invstd = ctx.saved_tensors
-            splits = ctx.splits
+            centred, weight, r = ctx.saved_tensors
+            splits, count = ctx.splits, ctx.count
             n, c, h, w = centred.shape
-            shape5 = (n // splits, splits, c, h, w)
-            count = (n // splits) * h * w
-            sum_dy = _group_sums(grad_out, splits, invstd.dtype)
-            sum_dy_xc = _group_sums(grad_out * centred, splits, invstd.dtype)
+            shape5, stat5 = (n // splits, splits, c, h, w), (splits, c, 1, 1)
+            root = math.sqrt(count)
+            sum_dy = _group_sums(grad_out, splits, r.dtype)
+            sum_dy_xc = _group_sums(grad_out * centred, splits, r.dtype)
+            r_sum_dy_xc = sum_dy_xc * r  # Σ(dy·xc)·invstd / sqrt(m)
             grad_x = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
-                # dx = k·(dy - Σdy/count - xc·invstd²·Σ(dy·xc)/count) with k = weight·invstd,
-                # as dx = k·dy + a·xc + b with per-(group, channel) a and b: two passes.
-                k = invstd if weight is None else invstd * weight
-                a = k * invstd * invstd * sum_dy_xc / -count
-                b = k * sum_dy / -count
+                kr = r if weight is None else r * weight  # k / sqrt(m)
+                a = (kr * r).mul_(r_sum_dy_xc)  # k·r²·Σ(dy·xc) / sqrt(m): the coefficient of xc, over -sqrt(m)
+                b = torch.mul(kr, sum_dy).mul_(-1.0 / root)  # -k·Σdy/m
                 grad_x = torch.empty_like(centred)
                 gx5 = grad_x.view(shape5)
-                torch.addcmul(b[..., None, None], centred.view(shape5), a[..., None, None], out=gx5)
-                gx5.addcmul_(grad_out.view(shape5), k[..., None, None])
+                torch.addcmul(b.view(stat5), centred.view(shape5), a.view(stat5), value=-root, out=gx5)
+                gx5.addcmul_(grad_out.view(shape5), kr.view(stat5), value=root)
             if weight is not None and ctx.needs_input_grad[1]:
-                grad_weight = (sum_dy_xc * invstd).sum(0).to(weight.dtype)
+                grad_weight = r_sum_dy_xc.sum(0).mul_(root).to(weight.dtype)  # Σ dy·xc·invstd
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = sum_dy.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None
@@ -126,16 +135,16 @@ class SplitBatchNorm(nn.BatchNorm2d):
         if count < 2:  # as F.batch_norm: a variance needs two values
             raise ValueError(f"Expected more than 1 value per channel and group when training, "
                              f"got input size {list(x.shape)} with {splits} groups")
-        out, mean, var = _SplitBatchNormFn.apply(x, self.weight, self.bias, splits, self.eps)
+        out, sum_x, sum_sq = _SplitBatchNormFn.apply(x, self.weight, self.bias, splits, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 # BatchNorm2d's factor: momentum, or a cumulative average when momentum is None.
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                # Each group's update is BatchNorm's (unbiased running var); the module keeps their mean.
-                self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
-                unbiased = var.mean(0) * (count / (count - 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+                # Each group updates as BatchNorm does (unbiased var); the module keeps the groups' mean:
+                # r ← (1 - f)·r + f·mean_g(stat_g), with mean_g(mean) = Σx / (s·m), mean_g(var) = Σxc² / (s·(m-1)).
+                self.running_mean.mul_(1 - factor).add_(sum_x.sum(0), alpha=factor / (splits * count))
+                self.running_var.mul_(1 - factor).add_(sum_sq.sum(0), alpha=factor / (splits * (count - 1)))
         return out
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
