@@ -5,10 +5,13 @@ fixed batch, gradients cleared before each step. Configurations, timed round-rob
 run (one step of each per round, order shuffled every round, caches flushed before each
 step), so load from other jobs hits all of them alike:
 
-* channels_last + SplitBatchNorm      (mixfast.models.SplitBatchNorm)
+* channels_last + SplitBatchNorm      (mixfast.models.SplitBatchNorm; weights NCHW as DeepSpeed
+  holds them, activations channels_last from the input)
 * NCHW + SplitBatchNorm
-* channels_last + SplitBatchNorm, previous implementation (groups folded into channels
-  with `reshape`: a transposing copy in and an NCHW result out), with --previous
+* channels_last weights too + SplitBatchNorm (what converting the module would add)
+* channels_last + previous SplitBatchNorm (--previous): groups folded into channels with
+  `reshape`, a transposing copy in and an NCHW result out, and channels_last weights as
+  the trainer used to convert them, so every convolution returns channels_last again
 * channels_last + BatchNorm2d, NCHW + BatchNorm2d (plain BN, reference)
 
 Reported: median, p20 and p80 of the step time, each configuration's median over NCHW +
@@ -117,14 +120,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build(args, layout: str, norm: str, seed_model: nn.Module, device) -> tuple[nn.Module, torch.Tensor]:
+def build(args, layout: str, norm: str, weights: str, seed_model: nn.Module, device) -> tuple[nn.Module, torch.Tensor]:
     model = copy.deepcopy(seed_model)
     if norm != "bn":
         convert_to_split_bn(model, args.splits)
         if norm == "previous":
             _use_previous(model)
-    # Weights stay NCHW, as under DeepSpeed; the input's layout decides the activations'.
     model = model.to(device).train()
+    if weights == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device)
     if layout == "channels_last":
@@ -144,12 +148,13 @@ def step_fn(model: nn.Module, x: torch.Tensor, dtype: str):
     return step
 
 
-CONFIGS = [  # (name, layout, norm)
-    ("channels_last + SplitBatchNorm", "channels_last", "split"),
-    ("NCHW + SplitBatchNorm", "nchw", "split"),
-    ("channels_last + previous SplitBatchNorm", "channels_last", "previous"),
-    ("channels_last + BatchNorm2d", "channels_last", "bn"),
-    ("NCHW + BatchNorm2d", "nchw", "bn"),
+CONFIGS = [  # (name, activations, norm, weights)
+    ("channels_last + SplitBatchNorm", "channels_last", "split", "nchw"),
+    ("NCHW + SplitBatchNorm", "nchw", "split", "nchw"),
+    ("channels_last, weights too + SplitBatchNorm", "channels_last", "split", "channels_last"),
+    ("channels_last + previous SplitBatchNorm (weights channels_last)", "channels_last", "previous", "channels_last"),
+    ("channels_last + BatchNorm2d", "channels_last", "bn", "nchw"),
+    ("NCHW + BatchNorm2d", "nchw", "bn", "nchw"),
 ]
 COLUMNS = [("config", "configuration"), ("median_ms", "median ms"), ("p20_ms", "p20 ms"), ("p80_ms", "p80 ms"),
            ("vs_nchw_split", "÷ NCHW + split median"), ("ops", "compute ops / step"), ("reps", "rounds")]
@@ -166,8 +171,8 @@ def main(argv=None) -> list[dict]:
     seed_model = build_backbone(args.arch, args.width, args.cifar_stem)
     configs = [c for c in CONFIGS if args.previous or c[2] != "previous"]
     fns, ops = {}, {}
-    for name, layout, norm in configs:
-        model, x = build(args, layout, norm, seed_model, device)
+    for name, layout, norm, weights in configs:
+        model, x = build(args, layout, norm, weights, seed_model, device)
         fns[name] = step_fn(model, x, args.dtype)
         with _CountOps() as counter:
             fns[name]()
@@ -196,7 +201,8 @@ def write_markdown(path: Path, setup: str, env: dict, table: str, argv) -> None:
     args = " ".join(sys.argv[1:] if argv is None else argv)
     text = (f"# SplitBatchNorm: training step, channels_last vs NCHW ({env['device']})\n\n"
             f"`python benchmarks/bench_split_bn.py {args}`\n\n"
-            f"{setup}. Weights NCHW (as DeepSpeed holds them), activations in the input's layout. "
+            f"{setup}. Weights NCHW (as DeepSpeed holds them) unless the row says otherwise; activations in "
+            f"the input's layout. "
             f"Configurations timed round-robin in one run, order shuffled per round, caches flushed before "
             f"each step; median, p20, p80 over the rounds. 1-minute load average at the start: "
             f"{env.get('load_avg_1m')}.\n\n"
