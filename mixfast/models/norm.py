@@ -72,12 +72,13 @@ class _SplitBatchNormFn(torch.autograd.Function):
             # out = centred·weight·invstd + bias, computed in `acc`, rounded once to x.dtype.
             scale = r if weight is None else r * weight
             if bias is None:
-                torch.mul(centred.view(shape5), scale.mul_(math.sqrt(count)).view(stat5), out=out.view(shape5))
+                torch.mul(centred.view(shape5), (scale * math.sqrt(count)).view(stat5), out=out.view(shape5))
             else:
                 torch.addcmul(bias.view(c, 1, 1), centred.view(shape5), scale.view(stat5), value=math.sqrt(count),
                               out=out.view(shape5))
-        ctx.save_for_backward(centred, weight, r)
+        ctx.save_for_backward(centred, scale, r)  # scale = weight·r = k / sqrt(m)
         ctx.splits, ctx.count = splits, count
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(sum_x, sum_sq)
         return out, sum_x, sum_sq
@@ -87,7 +88,7 @@ class _SplitBatchNormFn(torch.autograd.Function):
         if grad_out is None:
             return None, None, None, None, None
         with torch.autocast(grad_out.device.type, enabled=False):
-            centred, weight, r = ctx.saved_tensors
+            centred, kr, r = ctx.saved_tensors  # kr = k / sqrt(m)
             splits, count = ctx.splits, ctx.count
             n, c, h, w = centred.shape
             shape5, stat5 = (n // splits, splits, c, h, w), (splits, c, 1, 1)
@@ -97,15 +98,14 @@ class _SplitBatchNormFn(torch.autograd.Function):
             r_sum_dy_xc = sum_dy_xc * r  # Σ(dy·xc)·invstd / sqrt(m)
             grad_x = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
-                kr = r if weight is None else r * weight  # k / sqrt(m)
                 a = (kr * r).mul_(r_sum_dy_xc)  # k·r²·Σ(dy·xc) / sqrt(m): the coefficient of xc, over -sqrt(m)
                 b = torch.mul(kr, sum_dy).mul_(-1.0 / root)  # -k·Σdy/m
                 grad_x = torch.empty_like(centred)
                 gx5 = grad_x.view(shape5)
                 torch.addcmul(b.view(stat5), centred.view(shape5), a.view(stat5), value=-root, out=gx5)
                 gx5.addcmul_(grad_out.view(shape5), kr.view(stat5), value=root)
-            if weight is not None and ctx.needs_input_grad[1]:
-                grad_weight = r_sum_dy_xc.sum(0).mul_(root).to(weight.dtype)  # Σ dy·xc·invstd
+            if ctx.weight_dtype is not None and ctx.needs_input_grad[1]:
+                grad_weight = r_sum_dy_xc.sum(0).mul_(root).to(ctx.weight_dtype)  # Σ dy·xc·invstd
             if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
                 grad_bias = sum_dy.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None
@@ -137,14 +137,17 @@ class SplitBatchNorm(nn.BatchNorm2d):
                              f"got input size {list(x.shape)} with {splits} groups")
         out, sum_x, sum_sq = _SplitBatchNormFn.apply(x, self.weight, self.bias, splits, self.eps)
         if self.track_running_stats:
-            with torch.no_grad():
+            # addmv is on autocast's low-precision list; these updates stay in float32.
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 self.num_batches_tracked.add_(1)
                 # BatchNorm2d's factor: momentum, or a cumulative average when momentum is None.
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 # Each group updates as BatchNorm does (unbiased var); the module keeps the groups' mean:
-                # r ← (1 - f)·r + f·mean_g(stat_g), with mean_g(mean) = Σx / (s·m), mean_g(var) = Σxc² / (s·(m-1)).
-                self.running_mean.mul_(1 - factor).add_(sum_x.sum(0), alpha=factor / (splits * count))
-                self.running_var.mul_(1 - factor).add_(sum_sq.sum(0), alpha=factor / (splits * (count - 1)))
+                # r ← (1 - f)·r + f·mean_g(stat_g), with mean_g(mean) = Σx / (s·m), mean_g(var) = Σxc² / (s·(m-1)),
+                # the sum over groups as a matrix-vector product so that each buffer takes one op.
+                ones = sum_x.new_ones(splits)
+                self.running_mean.addmv_(sum_x.t(), ones, beta=1 - factor, alpha=factor / (splits * count))
+                self.running_var.addmv_(sum_sq.t(), ones, beta=1 - factor, alpha=factor / (splits * (count - 1)))
         return out
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:

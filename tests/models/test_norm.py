@@ -210,3 +210,19 @@ def test_channels_last_has_no_layout_round_trip():
     assert mode.created, "nothing recorded: the dispatch mode did not see the ops"
     nchw = [name for name, is_cl in mode.created if not is_cl]
     assert not nchw, f"NCHW activation-sized tensors created: {nchw}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_without_affine_parameters(layout):
+    bn = SplitBatchNorm(4, 4, affine=False)
+    x = _input((16, 4, 5, 5), layout, seed=12).requires_grad_()
+    grad = _input((16, 4, 5, 5), layout, seed=13, mean=0.0, std=1.0)
+    out = bn(x)
+    out.backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    want = torch.stack([F.batch_norm(x_ref[g::4], None, None, None, None, True, 0.0, bn.eps) for g in range(4)], 1)
+    want = want.reshape(x.shape)
+    want.backward(grad)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=2e-5, rtol=1e-5)
+    assert _is_cl(out) == (layout == "channels_last")
