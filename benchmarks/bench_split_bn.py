@@ -117,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bfloat16: autocast around the step, fp32 weights (train.precision=bf16)")
     p.add_argument("--results-file", type=Path, default=None,
                    help="write the table with the environment to this markdown file (nothing is written without it)")
+    p.add_argument("--append", action="store_true", help="add a section to --results-file instead of replacing it")
+    p.add_argument("--note", default="", help="a sentence written under the section's table (e.g. why these threads)")
     return p.parse_args(argv)
 
 
@@ -186,29 +188,33 @@ def main(argv=None) -> list[dict]:
     env = common.environment(device)
     setup = (f"{args.arch} width {args.width}{', CIFAR stem' if args.cifar_stem else ''}, {args.image_size} px, "
              f"batch {args.batch}, SplitBatchNorm groups {args.splits}, {args.dtype}, forward + backward; "
-             f"{torch.get_num_threads()} torch threads")
+             f"torch threads: {torch.get_num_threads()}")
     table = common.render_table(rows, COLUMNS)
     print(setup)
     print(common.env_line(env))
     print(table)
     if args.results_file:
-        write_markdown(args.results_file, setup, env, table, argv)
+        write_markdown(args.results_file, setup, env, table, argv, args.append, args.note)
         print(f"wrote {args.results_file}")
     return rows
 
 
-def write_markdown(path: Path, setup: str, env: dict, table: str, argv) -> None:
-    args = " ".join(sys.argv[1:] if argv is None else argv)
-    text = (f"# SplitBatchNorm: training step, channels_last vs NCHW ({env['device']})\n\n"
-            f"`python benchmarks/bench_split_bn.py {args}`\n\n"
-            f"{setup}. Weights NCHW (as DeepSpeed holds them) unless the row says otherwise; activations in "
-            f"the input's layout. "
-            f"Configurations timed round-robin in one run, order shuffled per round, caches flushed before "
-            f"each step; median, p20, p80 over the rounds. 1-minute load average at the start: "
-            f"{env.get('load_avg_1m')}.\n\n"
-            f"{common.env_line(env)} Python {env['python']}, {env['platform']}.\n\n{table}\n")
+def write_markdown(path: Path, setup: str, env: dict, table: str, argv, append: bool = False, note: str = "") -> None:
+    args = " ".join(repr(a) if " " in a else a for a in (sys.argv[1:] if argv is None else argv))
+    section = (f"## {setup}\n\n`python benchmarks/bench_split_bn.py {args}`\n\n"
+               f"{common.env_line(env)} Python {env['python']}, {env['platform']}; 1-minute load average at "
+               f"the start {env.get('load_avg_1m'):.2f}.\n\n{table}\n" + (f"\n{note}\n" if note else ""))
+    header = (f"# SplitBatchNorm: training step, channels_last vs NCHW ({env['device']})\n\n"
+              f"Forward + backward of the backbone (loss: mean square of the features). Weights NCHW, as DeepSpeed "
+              f"holds them, unless the row says otherwise; activations in the input's layout. Configurations timed "
+              f"round-robin in one run, order shuffled per round, caches flushed before each step; median, p20, "
+              f"p80 over the rounds. 'compute ops / step': aten ops that compute something (views and allocations "
+              f"left out), counted once.\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    if append and path.exists():
+        path.write_text(path.read_text(encoding="utf-8").rstrip() + "\n\n" + section, encoding="utf-8")
+    else:
+        path.write_text(header + "\n" + section, encoding="utf-8")
 
 
 if __name__ == "__main__":

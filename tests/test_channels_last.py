@@ -54,7 +54,8 @@ def _overrides(out: Path, stage: int, channels_last: bool, precision: str, resum
     # 64 px, not TINY's 32: at 32 px layer4 is 1x1, so a SplitBatchNorm group there has 4 values per
     # channel and its output flips with the last bit of its input; losses of two correct runs
     # then part by ~1e-3 after one step (an NCHW run does the same when its weights move by 1e-6).
-    return [*TINY, "data.image_size=64", f"train.max_steps={STEPS}", f"train.checkpoint_every_steps={RESUME_AT}", "train.keep_checkpoints=10",
+    return [*TINY, "data.image_size=64", f"train.max_steps={STEPS}", f"train.checkpoint_every_steps={RESUME_AT}",
+            "train.keep_checkpoints=10",
             f"deepspeed.zero_optimization.stage={stage}", f"model.channels_last={str(channels_last).lower()}",
             f"train.precision={precision}", f"train.resume={resume}", "log.image_grid=false",
             f"train.output_dir={out}"]

@@ -143,8 +143,9 @@ class SplitBatchNorm(nn.BatchNorm2d):
                 # BatchNorm2d's factor: momentum, or a cumulative average when momentum is None.
                 factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 # Each group updates as BatchNorm does (unbiased var); the module keeps the groups' mean:
-                # r ← (1 - f)·r + f·mean_g(stat_g), with mean_g(mean) = Σx / (s·m), mean_g(var) = Σxc² / (s·(m-1)),
-                # the sum over groups as a matrix-vector product so that each buffer takes one op.
+                # r ← (1 - f)·r + f·mean_g(stat_g) with mean_g(mean) = Σx / (s·m) and
+                # mean_g(var) = Σxc² / (s·(m-1)); the sum over groups is a matrix-vector product, so
+                # each buffer takes one op.
                 ones = sum_x.new_ones(splits)
                 self.running_mean.addmv_(sum_x.t(), ones, beta=1 - factor, alpha=factor / (splits * count))
                 self.running_var.addmv_(sum_sq.t(), ones, beta=1 - factor, alpha=factor / (splits * (count - 1)))
