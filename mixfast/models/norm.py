@@ -50,8 +50,8 @@ class _SplitBatchNormFn(torch.autograd.Function):
     With m = values per (group, channel) and r = 1 / sqrt(sum_sq + eps·m) (so that
     invstd = r·sqrt(m)), the backward is batch norm's gradient written out in terms of the
     saved centred input xc:  dx = k·dy - k·Σdy/m - k·r²·Σ(dy·xc)·xc,  k = weight·invstd.
-    The per-(group, channel) scalars m and sqrt(m) ride on `alpha` / `value` arguments
-    instead of extra small ops.
+    The scalars 1/m and sqrt(m) ride on `alpha` / `value` arguments instead of extra small
+    ops on the [splits, c] tensors.
     """
 
     @staticmethod
