@@ -51,7 +51,13 @@ class ModelConfig(Section):
         True, description="MoCo only. Shuffle-BN: permute the key batch across ranks before the key encoder (world size > 1). "
                           "On one process (or with this off) the key batch is permuted within the batch and BatchNorm is SplitBatchNorm(bn_splits).")
     sync_bn: bool = Field(False, description="Convert BatchNorm to SyncBatchNorm before deepspeed.initialize.")
-    channels_last: bool = Field(False, description="Run the encoders in channels_last memory format.")
+    channels_last: bool = Field(
+        False, description="Run the encoders' activations in channels_last (NHWC) memory format: the input of every "
+                           "encoder pass is converted and each convolution, BatchNorm (SplitBatchNorm included) and "
+                           "pooling keeps it. The trained parameters stay NCHW, the layout DeepSpeed flattens and "
+                           "reduces, so it works under every ZeRO stage (0, 1, 2) and precision; frozen copies (MoCo "
+                           "key encoder, BYOL target) get channels_last weights. Off by default: not yet measured "
+                           "faster on a GPU (on the CPU demo it is; benchmarks/bench_split_bn.py).")
 
 
 class MixSiamConfig(Section):

@@ -70,6 +70,17 @@ def compile_encoders(*roots: torch.nn.Module) -> list[str]:
     return names
 
 
+def check_parameter_layout(module: torch.nn.Module) -> None:
+    """DeepSpeed needs plain contiguous parameters: `initialize` broadcasts each as
+    `p.data.view(torch.uint8)`, and ZeRO 1/2 flatten them into one buffer and reduce
+    `grad.view(-1)` (a channels_last parameter gets channels_last gradients). So a conv
+    weight stays NCHW under model.channels_last, which applies to the activations."""
+    bad = [name for name, p in module.named_parameters() if not p.is_contiguous()]
+    if bad:
+        raise ValueError(f"parameters handed to DeepSpeed must be contiguous (NCHW), not: {', '.join(bad[:5])}"
+                         + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run configuration (JSON)")
@@ -103,6 +114,7 @@ class Trainer:
         trained.to(device)
         self.method.to(device)
         self.method.set_total_steps(self.total_steps)  # schedules span the epochs, like the LR
+        check_parameter_layout(trained)
         optimizer = build_optimizer(trained.parameters(), cfg.optim)
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(self.total_steps, warmup, cfg.optim))

@@ -174,6 +174,41 @@ def test_byol_target_travels_in_the_method_state_dict():
     assert any(k.startswith("target.backbone.") for k in keys) and any(k.startswith("target.head.") for k in keys)
 
 
+def _is_channels_last(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("name", ["byol", "moco"])
+def test_channels_last_frozen_copy_has_channels_last_weights_and_the_same_loss(name):
+    """model.channels_last: the trained module keeps contiguous parameters (DeepSpeed's
+    layout); the frozen copy (BYOL target, MoCo key encoder) takes channels_last 3x3 conv
+    weights, its EMA update still follows t <- m t + (1 - m) o across the two layouts, and
+    the step's loss equals the NCHW one up to float32 round-off (other conv kernels)."""
+    extra = {"model": {"head": "linear", "bn_splits": 2}} if name == "moco" else {}
+    losses = {}
+    for cl in (False, True):
+        cfg = _cfg(name, mixmask=True)
+        raw = cfg.model_dump()
+        raw["model"].update(channels_last=cl, **extra.get("model", {}))
+        cfg = RunConfig.model_validate(raw)
+        result, engine, method, _, _ = _run(cfg)
+        losses[cl] = result.loss.item()
+        frozen = method.target.backbone if name == "byol" else method.key_encoder.backbone
+        convs = [m.weight for m in frozen.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert convs and all(_is_channels_last(w) == cl for w in convs)
+        assert all(p.is_contiguous() for p in engine.module.parameters())
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    online = engine.module.backbone
+    target_before = [p.clone() for p in frozen.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(torch.randn_like(p))
+    ema_update(frozen, online, 0.9)
+    for t_old, o, t_new in zip(target_before, online.parameters(), frozen.parameters()):
+        torch.testing.assert_close(t_new, 0.9 * t_old + 0.1 * o)
+    assert all(_is_channels_last(w) for w in convs)
+
+
 # --- SimSiam --------------------------------------------------------------------------------------
 
 

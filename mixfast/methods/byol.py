@@ -19,7 +19,8 @@ from torch import nn
 
 from mixfast.config import RunConfig
 from mixfast.methods.base import Backward, StepResult, ema_update, frozen_copy, register
-from mixfast.methods.encoders import PredictorEncoder, build_predictor_encoder, finalize, to_channels_last
+from mixfast.methods.encoders import (PredictorEncoder, build_predictor_encoder, finalize, to_channels_last,
+                                      to_memory_format)
 from mixfast.methods.losses import normalized_mse
 from mixfast.methods.simsiam import SimSiam
 
@@ -27,8 +28,10 @@ from mixfast.methods.simsiam import SimSiam
 class TargetNetwork(nn.Module):
     def __init__(self, online: PredictorEncoder):
         super().__init__()
-        self.backbone, self.head = frozen_copy(online.backbone), frozen_copy(online.head)
         self.channels_last = online.channels_last
+        # Not trained by DeepSpeed, so its weights may follow model.channels_last too.
+        self.backbone = to_memory_format(frozen_copy(online.backbone), self.channels_last)
+        self.head = frozen_copy(online.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(to_channels_last(x, self.channels_last))).float()

@@ -1,6 +1,20 @@
 """The trained modules handed to DeepSpeed. Each has `backbone` and `head` (the projector),
 which the kNN monitor and the backbone export read, and encodes each view in its own pass
-(own BatchNorm statistics, as in the papers' code)."""
+(own BatchNorm statistics, as in the papers' code).
+
+channels_last (`model.channels_last`) is a property of the activations, not of the trained
+parameters: the encoders convert their input, and a convolution of a channels_last input
+returns channels_last output whatever its weight's layout (cuDNN and oneDNN convert the
+small weight themselves), so every activation of the backbone follows. The parameters stay
+plain contiguous because DeepSpeed needs them so: `deepspeed.initialize` broadcasts each
+one as `p.data.view(torch.uint8)` (refused for a channels_last 3x3 weight), and ZeRO 1/2
+re-point every `p.data` into one flat buffer and reduce gradients as `grad.view(-1)` (a
+channels_last parameter gets channels_last gradients, which refuse that view). Converting
+after `initialize` replaces `p.data` behind DeepSpeed's back (ZeRO 1/2 then fail at that
+view, and rely on re-pointing p.data after every step to stay attached). The frozen
+copies outside DeepSpeed (MoCo's key encoder, BYOL's target) can and do take channels_last
+weights: `to_memory_format`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +28,11 @@ from mixfast.models import build_backbone, build_head, build_predictor
 
 def to_channels_last(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def to_memory_format(module: nn.Module, channels_last: bool) -> nn.Module:
+    """channels_last weights for a module that DeepSpeed does not own (frozen copies)."""
+    return module.to(memory_format=torch.channels_last) if channels_last else module
 
 
 class QueryEncoder(nn.Module):
@@ -58,11 +77,10 @@ def backbone_and_head(cfg: RunConfig) -> tuple[nn.Module, nn.Module]:
 
 
 def finalize(module: nn.Module, cfg: RunConfig) -> nn.Module:
-    """SyncBatchNorm (before deepspeed.initialize, SPEC §8) and the memory format."""
+    """SyncBatchNorm (before deepspeed.initialize, SPEC §8). The parameters keep the plain
+    contiguous layout DeepSpeed needs, also with model.channels_last (see the module doc)."""
     if cfg.model.sync_bn:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if cfg.model.channels_last:
-        module = module.to(memory_format=torch.channels_last)
     return module
 
 

@@ -31,7 +31,7 @@ from mixfast import ops
 from mixfast.config import RunConfig
 from mixfast.engine import distributed as dist_utils
 from mixfast.methods.base import Backward, Method, StepResult, ema_update, frozen_copy, register
-from mixfast.methods.encoders import QueryEncoder, build_query_encoder, finalize
+from mixfast.methods.encoders import QueryEncoder, build_query_encoder, finalize, to_memory_format
 from mixfast.mixing.branches import Mixtures
 from mixfast.mixing.rng import STREAM_SHUFFLE_BN, step_generator
 from mixfast.ops.mix import to_device
@@ -56,7 +56,8 @@ class MoCo(Method):
         m = cfg.method
         self.temperature, self.momentum, self.symmetric = m.temperature, m.momentum, m.symmetric
         self.shuffle_bn = cfg.model.shuffle_bn and world_size > 1
-        self.key_encoder = frozen_copy(query)
+        # Not trained by DeepSpeed, so its weights may follow model.channels_last too.
+        self.key_encoder = to_memory_format(frozen_copy(query), cfg.model.channels_last)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         # The loss runs in the training dtype: with bf16 the queue is kept in bf16 (half the
         # bytes the loss streams per step) and the queries and keys are cast to it, so the
