@@ -110,13 +110,13 @@ def _step_syncs(config: str, *overrides: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("config,overrides", [
     ("demo.json", ()),                                              # MoCo v2 + MixMask + Un-Mix, per-branch backward
-    ("demo.json", ("train.sequential_backward=false", "train.precision=bf16")),  # one fused loss call, bf16
+    ("demo.json", ("train.sequential_backward=false", "train.precision=bf16", "model.channels_last=true")),
     ("demo.json", ("mixing.unmix.enabled=false", "mixing.mixmask.per_sample=true")),  # MixMask alone (flip pairs)
     ("demo_simclr.json", ()),
     ("demo_byol.json", ()),
     ("demo_simsiam.json", ()),
     ("demo_mixsiam.json", ()),
-], ids=["moco-mixmask-unmix", "moco-fused-bf16", "moco-mixmask", "simclr", "byol", "simsiam", "mixsiam"])
+], ids=["moco-mixmask-unmix", "moco-fused-bf16-channels-last", "moco-mixmask", "simclr", "byol", "simsiam", "mixsiam"])
 def test_a_training_step_makes_no_host_sync_and_the_log_read_makes_one(config, overrides):
     got = _step_syncs(config, *overrides)
     unexpected = {place: n for place, n in got["step_places"].items() if not any(k in place for k in HOST_RESIDENT)}
