@@ -34,6 +34,7 @@ from mixfast.engine.progress import Progress
 from mixfast.engine.schedule import lr_multiplier
 from mixfast.eval.knn import knn_accuracy
 from mixfast.methods import build_method
+from mixfast.methods.base import check_config as check_method_config
 from mixfast.methods.base import StepResult
 from mixfast.models import export_torchvision_state_dict
 
@@ -192,7 +193,7 @@ class Trainer:
         self.method.after_step(result)
         self.state.step += 1
         self.state.batch_in_epoch += 1
-        self._last_result = result
+        self._last_result = StepResult(result.loss, result.stats)  # what a later read needs, not the images
         return result
 
     def check_finite(self) -> None:
@@ -283,6 +284,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_method_config(cfg)  # the chosen framework's own rules, before any data is read
     except ConfigError as err:
         raise SystemExit(f"mixfast: config error in {args.config}:\n{err}") from None
     device = dist_utils.init_distributed()

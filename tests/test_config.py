@@ -378,15 +378,6 @@ def test_command_line_prints_resolved_config(tmp_path):
     assert json.loads(result.stdout)["train"]["epochs"] == 7
 
 
-def test_moco_v1_requires_a_linear_head(tmp_path):
-    path = write_config(tmp_path, synthetic(method={"version": 1}, model={"head": "mlp"}))
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert "model.head='linear'" in str(err.value)
-    ok = write_config(tmp_path, synthetic(method={"version": 1, "temperature": 0.07}, model={"head": "linear"}))
-    assert load_config(ok).method.version == 1
-
-
 def test_readme_documents_every_key_as_the_schema_does():
     from mixfast.config import replace_reference_block
 

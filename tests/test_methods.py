@@ -259,9 +259,23 @@ def test_mixsiam_loss(aggregation):
     torch.testing.assert_close(result.loss, 0.3 * siam + 0.7 * mix, rtol=1e-5, atol=1e-5)
 
 
-def test_mixsiam_refuses_the_mixmask_branches():
-    with pytest.raises(ValueError, match="mixing.mixmask.enabled=false"):
-        _cfg("mixsiam", mixmask=True)
+def test_each_method_checks_its_own_config_rules():
+    """The rules live with the methods (check_config, also run by build_method), not in the schema."""
+    from mixfast.config import ConfigError
+    from mixfast.methods.base import check_config
+
+    cfg = _cfg("mixsiam", mixmask=True)  # the schema alone accepts it
+    with pytest.raises(ConfigError, match="mixing.mixmask.enabled=false"):
+        check_config(cfg)
+    with pytest.raises(ConfigError, match="mixing.mixmask.enabled=false"):
+        build_method(cfg, 0, 1)
+    with pytest.raises(ConfigError, match=r"model.head='linear'"):
+        check_config(_cfg("moco", method={"version": 1}))
+    linear = _cfg("moco", method={"version": 1})
+    linear.model.head = "linear"
+    check_config(linear)  # the same config with the head MoCo v1 needs passes
+    with pytest.raises(ConfigError, match=r"method.name='nope'.*registered: byol, mixsiam, moco"):
+        check_config(_cfg("nope"))
 
 
 # --- soft pairing, shared pieces --------------------------------------------------------------------

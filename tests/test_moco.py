@@ -95,19 +95,20 @@ def test_mixmask_plus_unmix_uses_random_permutation_and_argsort(step):
                 + lu * _ce(q_um, k, queue, tau) + (1 - lu) * _ce(_flip(q_um), k, queue, tau)
                 + lm * _ce(q_mm, k, queue, tau) + (1 - lm) * _ce(q_mm[torch.argsort(perm)], k, queue, tau))
     torch.testing.assert_close(result.loss, expected, rtol=1e-5, atol=1e-5)
-    # The mixed images really are x_i mixed with x_perm[i] under the logged mask.
-    assert torch.equal(result.images["mixmask_perm"], perm)
+    # The grid's switch row is drawn with this permutation and the logged mask.
+    view1 = result.images["view1"]
+    assert torch.equal(result.images["switch"](), ops.mix(view1, result.images["mask"], perm, want_switch=True)[1])
 
 
 def test_symmetric_variant_matches_spec():
     cfg = _cfg(mixmask=False, unmix=True, symmetric=True)
-    result, (q1, q2, q_m), queue, k1, k2, _ = _run(cfg)
+    result, (q1, q2, q_m), queue, k1, k2, moco = _run(cfg)
     lam, tau = result.stats["lam_unmix"], cfg.method.temperature
     expected = (_ce(q1, k2, queue, tau) + _ce(q2, k1, queue, tau)
                 + lam * _ce(q_m, k2, queue, tau) + (1 - lam) * _ce(_flip(q_m), k2, queue, tau)
                 + lam * _ce(q_m, k1, queue, tau) + (1 - lam) * _ce(_flip(q_m), k1, queue, tau))
     torch.testing.assert_close(result.loss, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(result.keys_to_enqueue, torch.cat([k1, k2]))
+    torch.testing.assert_close(moco.pending_keys, torch.cat([k1, k2]))  # both key views wait for the queue
 
 
 def test_per_sample_masks_weight_each_row_by_its_own_lambda():
@@ -153,7 +154,7 @@ def test_momentum_update_moves_key_towards_query():
         for p in query.parameters():
             p.add_(1.0)
     before = [p.clone() for p in moco.key_encoder.parameters()]
-    moco.momentum_update(query)
+    moco.momentum_update(query, step=0)
     m = cfg.method.momentum
     for pk, pk0, pq in zip(moco.key_encoder.parameters(), before, query.parameters()):
         torch.testing.assert_close(pk, m * pk0 + (1 - m) * pq)
@@ -196,3 +197,19 @@ def test_one_pass_mixmask_and_unmix_equals_the_two_mixers(step):
     assert torch.equal(mm.mixed, mm_ref.mixed) and torch.equal(mm.perm, mm_ref.perm)
     assert torch.equal(mm.masks.cpu(), mm_ref.masks.cpu()) and torch.equal(mm.pixel_lam, mm_ref.pixel_lam)
     assert torch.equal(um.mixed, um_ref.mixed) and um.lam == um_ref.lam and um.use_mixup == um_ref.use_mixup
+
+
+def test_image_grid_rows_come_from_the_method_in_display_order():
+    """The engine draws the labelled rows it is handed (views, mask, MixMask mixture, switch, Un-Mix) in order,
+    without knowing their names: a renamed row still draws, a non-image value is skipped."""
+    from mixfast.engine.images import grid_rows
+
+    result, *_ = _run(_cfg(mixmask=True, unmix=True))
+    assert list(result.images) == ["view1", "view2", "mask", "mixmask", "switch", "unmix"]
+    rows = grid_rows(result.images, "cifar")
+    assert len(rows) == 6 and all(r.shape == (min(B, 8), 3, SIZE, SIZE) for r in rows)
+    mask_row = rows[2]
+    assert set(mask_row.unique().tolist()) <= {0.0, 1.0}  # white = kept, black = filled
+    renamed = {f"row{i}": v for i, v in enumerate(result.images.values())}
+    renamed["not_an_image"] = torch.arange(3)
+    assert all(torch.equal(a, b) for a, b in zip(grid_rows(renamed, "cifar"), rows))

@@ -1,8 +1,19 @@
-"""PNG grid of the first batch: views, masks, MixMask mixtures, switch images, Un-Mix."""
+"""PNG grid of the first batch: one row per labelled tensor a method hands over.
+
+The method decides what is shown (its `StepResult.images`, in display order); this module
+only knows how to draw two kinds of rows:
+
+* an image batch ``[B, 3, H, W]`` (normalized as the data recipe does): un-normalized;
+* a mask batch ``bool [1 or B, g, g]``: upsampled to the images' size, white = kept.
+
+A value may be a zero-argument callable returning such a tensor: rows that cost work to
+produce (a switch image) are computed only when the grid is saved. Other values are skipped.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Callable, Union
 
 import mixfast._compat  # noqa: F401  (torchvision import on CPU-only torch)
 
@@ -12,7 +23,8 @@ from torchvision.utils import save_image
 from mixfast import ops
 from mixfast.data.transforms import mean_std
 
-_ROWS = 8
+_COLUMNS = 8
+Row = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
 def _denormalize(x: torch.Tensor, recipe: str) -> torch.Tensor:
@@ -22,24 +34,34 @@ def _denormalize(x: torch.Tensor, recipe: str) -> torch.Tensor:
     return (x.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
-def save_mix_grid(images: dict, path: str, recipe: str) -> str:
-    """One column per image of the batch (first 8); rows: view 1, view 2, mask, MixMask
-    mixture, switch image (same mask, roles swapped), Un-Mix or MixSiam mixture — whichever exist."""
-    x1 = images["view1"][:_ROWS]
-    rows = [_denormalize(x1, recipe), _denormalize(images["view2"][:_ROWS], recipe)]
-    if "mixmask" in images:
-        h, w = x1.shape[-2:]
-        masks = ops.upsample_masks(images["mask"].cpu(), h, w).float()
-        masks = masks.expand(len(images["view1"]), h, w)[:_ROWS]
-        rows.append(masks[:, None].expand(-1, 3, h, w))
-        rows.append(_denormalize(images["mixmask"][:_ROWS], recipe))
-        # Switch image of row i: m ⊙ x_perm[i] + (1-m) ⊙ x_i, computed here only for display
-        # (training derives switch features from the mixed batch, never re-encoding images).
-        _, switch, _ = ops.mix(images["view1"], images["mask"], images["mixmask_perm"], want_switch=True)
-        rows.append(_denormalize(switch[:_ROWS], recipe))
-    for name in ("unmix", "mixsiam"):  # Un-Mix mixture; MixSiam's mixture of the two views
-        if name in images:
-            rows.append(_denormalize(images[name][:_ROWS], recipe))
+def _mask_row(masks: torch.Tensor, batch: int, h: int, w: int) -> torch.Tensor:
+    up = ops.upsample_masks(masks.cpu(), h, w).float().expand(batch, h, w)[:_COLUMNS]
+    return up[:, None].expand(-1, 3, h, w)
+
+
+def grid_rows(images: dict[str, Row], recipe: str) -> list[torch.Tensor]:
+    """The drawable rows of `images`, first `_COLUMNS` columns each, in the dict's order."""
+    values = {name: (v() if callable(v) else v) for name, v in images.items()}
+    batches = [v for v in values.values() if isinstance(v, torch.Tensor) and v.dim() == 4]
+    if not batches:
+        return []
+    batch, (h, w) = batches[0].size(0), batches[0].shape[-2:]
+    rows = []
+    for v in values.values():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.dim() == 4 and v.size(1) == 3:
+            rows.append(_denormalize(v[:_COLUMNS], recipe))
+        elif v.dim() == 3 and v.dtype == torch.bool:
+            rows.append(_mask_row(v, batch, h, w))
+    return rows
+
+
+def save_mix_grid(images: dict[str, Row], path: str, recipe: str) -> str:
+    """Write the grid of `images` (see the module docstring) to `path`; returns the path."""
+    rows = grid_rows(images, recipe)
+    if not rows:
+        raise ValueError(f"no image rows to draw among {sorted(images)}")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    save_image(torch.cat(rows), path, nrow=x1.size(0), padding=1)
+    save_image(torch.cat(rows), path, nrow=rows[0].size(0), padding=1)
     return path

@@ -10,9 +10,19 @@ buffers) travels in the checkpoint's client state (SPEC §8).
 Per step the trainer calls `training_step(engine, x1, x2, step, backward, sequential)`,
 then `engine.step()`, then `after_step(result)`.
 
+A method owns its rules, its state and what it shows:
+* its config rules: `@register("name", check=fn)`; `check_config(cfg)` runs the chosen
+  method's check (the trainer calls it right after loading the config);
+* state carried from one step to the next (MoCo's keys waiting for the queue) lives on the
+  Method object, and `after_step` consumes it;
+* EMA targets: `momentum_pairs(online)` lists (target, online) modules, and the one
+  `momentum_update` of this base class updates them all;
+* the first-batch image grid: `StepResult.images`, labelled rows in display order (image
+  batches, masks, or callables producing them), drawn by `engine.images` without knowing the
+  names.
+
 Adding a framework = one module in this package that defines a `Method` subclass and
-decorates its build function with `@register("name")`, plus its name in
-`config.MethodConfig.name` and a config file.
+decorates its build function with `@register("name")`, and a recipe/config file.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mixfast.config import RunConfig
+from mixfast.config import ConfigError, RunConfig
 
 Backward = Callable[[torch.Tensor, bool], None]
 
@@ -36,8 +46,8 @@ class StepResult:
     # Scalars for the logs: floats, or 0-d tensors on the device that the trainer reads only
     # when it logs (reading a GPU value is a host sync; a step makes none).
     stats: dict[str, float | torch.Tensor] = field(default_factory=dict)
-    images: dict[str, torch.Tensor] = field(default_factory=dict)
-    keys_to_enqueue: torch.Tensor | None = None
+    # Rows of the first-batch image grid, in display order (see engine/images.py).
+    images: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = field(default_factory=dict)
 
 
 class Method(nn.Module):
@@ -75,17 +85,31 @@ class Method(nn.Module):
     def after_step(self, result: StepResult) -> None:
         """Work that must follow the optimizer step (MoCo: enqueue the keys)."""
 
+    def momentum_pairs(self, online: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+        """(EMA target, online module) pairs of this method; none by default."""
+        return []
+
+    @torch.no_grad()
+    def momentum_update(self, online: nn.Module, step: int) -> None:
+        """target ← m·target + (1-m)·online for every momentum pair, m = `momentum_at(step)`."""
+        pairs = self.momentum_pairs(online)
+        if pairs:
+            ema_update([t for t, _ in pairs], [o for _, o in pairs], self.momentum_at(step))
+
 
 @torch.no_grad()
-def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+def ema_update(target: nn.Module | list[nn.Module], online: nn.Module | list[nn.Module], momentum: float) -> None:
     """t ← m·t + (1-m)·o over parameters. BatchNorm running statistics are not averaged:
     the target network keeps its own, from its own train-mode passes (MoCo, BYOL code).
 
     Two multi-tensor kernels (``_foreach``) per dtype group instead of two launches per
     parameter (a ResNet-50 has 161 parameter tensors); the same arithmetic as the per-tensor
     ``mul_`` then ``add_``."""
-    targets = list(target.parameters())
-    onlines = [po.detach().to(pt.dtype) for pt, po in zip(targets, online.parameters())]
+    targets = [p for m in (target if isinstance(target, list) else [target]) for p in m.parameters()]
+    online_params = [p for m in (online if isinstance(online, list) else [online]) for p in m.parameters()]
+    if len(targets) != len(online_params):
+        raise ValueError(f"EMA pairs differ: {len(targets)} target vs {len(online_params)} online parameters")
+    onlines = [po.detach().to(pt.dtype) for pt, po in zip(targets, online_params)]
     if not targets:
         return
     torch._foreach_mul_(targets, momentum)
@@ -104,14 +128,20 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 # --- registry -------------------------------------------------------------------------------
 
 BuildFn = Callable[[RunConfig, int, int], "tuple[nn.Module, Method]"]
+CheckFn = Callable[[RunConfig], None]
 _REGISTRY: dict[str, BuildFn] = {}
+_CHECKS: dict[str, CheckFn] = {}
 
 
-def register(name: str):
+def register(name: str, check: CheckFn | None = None):
+    """Register a framework's build function under `name`, with its config rules: `check(cfg)`
+    raises ConfigError naming the keys when `cfg` breaks them."""
     def wrap(fn: BuildFn) -> BuildFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = fn
+        if check is not None:
+            _CHECKS[name] = check
         return fn
     return wrap
 
@@ -130,12 +160,17 @@ def registered() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_method(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> tuple[nn.Module, Method]:
-    """(trained module to hand to DeepSpeed, Method) for `cfg.method.name`."""
+def check_config(cfg: RunConfig) -> None:
+    """ConfigError unless `cfg.method.name` is a registered framework whose rules `cfg` keeps."""
     _import_all()
-    try:
-        build = _REGISTRY[cfg.method.name]
-    except KeyError:
-        raise ValueError(f"method.name={cfg.method.name!r} is not a registered framework; "
-                         f"registered: {', '.join(sorted(_REGISTRY))}") from None
-    return build(cfg, rank, world_size)
+    if cfg.method.name not in _REGISTRY:
+        raise ConfigError(f"method.name={cfg.method.name!r} is not a registered framework; "
+                          f"registered: {', '.join(sorted(_REGISTRY))}")
+    if cfg.method.name in _CHECKS:
+        _CHECKS[cfg.method.name](cfg)
+
+
+def build_method(cfg: RunConfig, rank: int = 0, world_size: int = 1) -> tuple[nn.Module, Method]:
+    """(trained module to hand to DeepSpeed, Method) for `cfg.method.name`; checks the config first."""
+    check_config(cfg)
+    return _REGISTRY[cfg.method.name](cfg, rank, world_size)

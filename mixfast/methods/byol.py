@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mixfast.config import RunConfig
-from mixfast.methods.base import Backward, StepResult, ema_update, frozen_copy, register
+from mixfast.methods.base import Backward, StepResult, frozen_copy, register
 from mixfast.methods.encoders import (PredictorEncoder, build_predictor_encoder, finalize, to_channels_last,
                                       to_memory_format)
 from mixfast.methods.losses import normalized_mse
@@ -44,11 +44,9 @@ class BYOL(SimSiam):
         super().__init__(cfg, rank, world_size)
         self.target = TargetNetwork(online)
 
-    @torch.no_grad()
-    def momentum_update(self, online: nn.Module, step: int) -> None:
-        m = self.momentum_at(step)
-        ema_update(self.target.backbone, online.backbone, m)
-        ema_update(self.target.head, online.head, m)
+    def momentum_pairs(self, online: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+        """The target network follows the online backbone and projector (not the predictor)."""
+        return [(self.target.backbone, online.backbone), (self.target.head, online.head)]
 
     @torch.no_grad()
     def targets(self, engine, x1, x2, online) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from mixfast.config import RunConfig
+from mixfast.config import ConfigError, RunConfig
 from mixfast.methods.base import Backward, StepResult, register
 from mixfast.methods.encoders import PredictorEncoder, build_predictor_encoder, finalize
 from mixfast.methods.simsiam import SimSiam
@@ -43,6 +43,14 @@ class MixSiam(SimSiam):
         return StepResult(loss.detach(), stats, {"view1": x1, "view2": x2, "mixsiam": x_m})
 
 
-@register("mixsiam")
+def check_mixsiam_config(cfg: RunConfig) -> None:
+    """MixSiam's mixture is its own (the two views of one image); the MixMask / Un-Mix
+    branches are defined for the other frameworks."""
+    if cfg.mixing.mixmask.enabled or cfg.mixing.unmix.enabled:
+        raise ConfigError("method.name='mixsiam' mixes the two views of each image itself: set "
+                          "mixing.mixmask.enabled=false and mixing.unmix.enabled=false")
+
+
+@register("mixsiam", check=check_mixsiam_config)
 def build_mixsiam(cfg: RunConfig, rank: int, world_size: int) -> tuple[PredictorEncoder, MixSiam]:
     return finalize(build_predictor_encoder(cfg), cfg), MixSiam(cfg, rank, world_size)

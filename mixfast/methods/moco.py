@@ -30,7 +30,8 @@ from torch import nn
 from mixfast import ops
 from mixfast.config import RunConfig
 from mixfast.engine import distributed as dist_utils
-from mixfast.methods.base import Backward, Method, StepResult, ema_update, frozen_copy, register
+from mixfast.config import ConfigError
+from mixfast.methods.base import Backward, Method, StepResult, frozen_copy, register
 from mixfast.methods.encoders import QueryEncoder, build_query_encoder, finalize, to_memory_format
 from mixfast.mixing.branches import Mixtures
 from mixfast.mixing.rng import STREAM_SHUFFLE_BN, step_generator
@@ -68,13 +69,13 @@ class MoCo(Method):
         self.register_buffer("queue", queue.to(loss_dtype))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.mixtures = Mixtures(cfg.mixing, cfg.train.seed, rank)
+        self.pending_keys: torch.Tensor | None = None  # this step's keys, for the queue after the step
 
     # --- key side -------------------------------------------------------------------
-    @torch.no_grad()
-    def momentum_update(self, query: nn.Module, step: int = 0) -> None:
+    def momentum_pairs(self, query: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         """k ← m·k + (1-m)·q for parameters only. As in the official MoCo, the key
         encoder's BatchNorm running statistics come from its own (train-mode) passes."""
-        ema_update(self.key_encoder, query, self.momentum_at(step))
+        return [(self.key_encoder, query)]
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -127,8 +128,8 @@ class MoCo(Method):
                     QuerySet(x2, (rows + b)[:, None], ones[:, None], "orig2")]
         else:
             sets = [QuerySet(x1, rows[:, None], ones[:, None], "orig")]
-        branches, stats, images = self.mixtures(x1, step)
-        images.update(view1=x1, view2=x2)
+        branches, stats, mixed_rows = self.mixtures(x1, step)
+        images = {"view1": x1, "view2": x2, **mixed_rows}
         for br in branches:
             # Un-Mix keeps flip; MixMask with Un-Mix present takes a random partner (paper
             # Table 2), alone flip. Row i: its own key (λ) and its filler's key (1-λ).
@@ -161,11 +162,13 @@ class MoCo(Method):
             # autograd graph may hold it without a copy.
             backward(loss, i == len(groups) - 1)
             total += loss.detach()
-        enqueue = torch.cat([k1, k2]) if self.symmetric else k2
-        return StepResult(total, stats, images, enqueue)
+        # enqueued by after_step, once the optimizer step no longer needs the queue as it was
+        self.pending_keys = torch.cat([k1, k2]) if self.symmetric else k2
+        return StepResult(total, stats, images)
 
     def after_step(self, result: StepResult) -> None:
-        self.enqueue(result.keys_to_enqueue)
+        keys, self.pending_keys = self.pending_keys, None
+        self.enqueue(keys)
 
     def _group_loss(self, engine, group: list[QuerySet], keys: torch.Tensor, batch: int):
         """Σ weight·term / B over the rows of `group`, and each branch's share for the logs."""
@@ -185,7 +188,13 @@ class MoCo(Method):
         return weighted.sum() / batch, branch_losses
 
 
-@register("moco")
+def check_moco_config(cfg: RunConfig) -> None:
+    """MoCo v1 is the linear-head variant (v2 added the MLP head)."""
+    if cfg.method.version == 1 and cfg.model.head != "linear":
+        raise ConfigError("method.version=1 (MoCo v1) uses a linear projection head: set model.head='linear'")
+
+
+@register("moco", check=check_moco_config)
 def build_moco(cfg: RunConfig, rank: int, world_size: int) -> tuple[QueryEncoder, MoCo]:
     """Query encoder (to hand to DeepSpeed) and the MoCo wrapper (key encoder, queue, loss).
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mixfast import ops
 from mixfast.config import MixingConfig
 from mixfast.mixing.mixmask import MixMaskMixer
 from mixfast.mixing.unmix import UnMixer
@@ -43,7 +44,7 @@ class Mixtures:
         return self.mixmask is not None or self.unmix is not None
 
     def __call__(self, x: torch.Tensor, step: int) -> tuple[list[MixedBranch], dict, dict]:
-        """(branches, scalar stats for the logs, tensors for the image grid). Every random
+        """(branches, scalar stats for the logs, rows of the image grid). Every random
         choice is a pure function of (seed, rank, step)."""
         b, dev = x.size(0), x.device
         um = mm = None
@@ -53,17 +54,28 @@ class Mixtures:
             um = self.unmix(x, step)
         elif self.mixmask is not None:
             mm = self.mixmask(x, step, random_partner=False)
-        branches, stats, images = [], {}, {}
+        branches, stats = [], {}
         if um is not None:
             lam = torch.full((b,), um.lam, device=dev)
             branches.append(MixedBranch("unmix", um.mixed, um.perm, lam, 1 - lam))
             stats.update(lam_unmix=um.lam, unmix_is_mixup=float(um.use_mixup))
-            images["unmix"] = um.mixed
         if mm is not None:
             branches.append(MixedBranch("mixmask", mm.mixed, mm.perm, mm.weight_own.to(dev), mm.weight_filler.to(dev)))
             stats["lam_mixmask"] = mm.pixel_lam.float().mean()  # read by the trainer when it logs
-            images.update(mixmask=mm.mixed, mask=mm.masks, mixmask_perm=mm.perm)
-        return branches, stats, images
+        return branches, stats, self._grid_rows(x, mm, um)
+
+    def _grid_rows(self, x: torch.Tensor, mm, um) -> dict:
+        """Labelled rows of the first-batch image grid, in display order: the mask, the MixMask
+        mixture and its switch image (same mask, roles swapped: drawn only for the grid, by a
+        callable the trainer calls when it saves the grid), the Un-Mix mixture."""
+        rows = {}
+        if mm is not None:
+            rows.update(mask=mm.masks, mixmask=mm.mixed)
+            if self.mixmask.cfg.fill == "image":
+                rows["switch"] = lambda: ops.mix(x, mm.masks, mm.perm, want_switch=True)[1]
+        if um is not None:
+            rows["unmix"] = um.mixed
+        return rows
 
     def pairs(self, x1: torch.Tensor, x2: torch.Tensor,
               step: int) -> tuple[list[tuple[MixedBranch, int]], dict, dict]:
@@ -71,8 +83,8 @@ class Mixtures:
         targets it is scored against)], stats, images (both views included). View 1's
         mixtures go against view 2; with `mixing.symmetrize` view 2 is mixed with the same
         masks, λ and permutations and goes against view 1."""
-        branches, stats, images = self(x1, step)
-        images.update(view1=x1, view2=x2)
+        branches, stats, mixed_rows = self(x1, step)
+        images = {"view1": x1, "view2": x2, **mixed_rows}
         pairs = [(br, 1) for br in branches]
         if self.symmetrize and branches:
             pairs += [(br, 0) for br in self(x2, step)[0]]
