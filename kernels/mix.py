@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.layout import out_format, per_image_dense
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
 MAX_REDRAWS = 1000  # block_mask.h: kMaxRedraws
@@ -495,10 +497,8 @@ def _launch_opts(device: torch.device) -> dict:
 
 def _layout(x: torch.Tensor):
     """(format, channels_last, dense view of x, batch stride) as the native path does."""
-    from mixfast.ops.mix import _out_format, _per_image_dense  # noqa: PLC0415 - avoid an import cycle
-
-    fmt = _out_format(x)
-    xx, bs = _per_image_dense(x, fmt)
+    fmt = out_format(x)
+    xx, bs = per_image_dense(x, fmt)
     return fmt, fmt == torch.channels_last, xx, bs
 
 
@@ -540,9 +540,7 @@ def mix(x, *, masks, spec, n_masks: int, grid: int, perm, filler, want_switch: b
     units = (B + 1) // 2 if pair else B
     chunks = triton.cdiv(C * H * W, BLOCK)
     if filler is not None:
-        from mixfast.ops.mix import _per_image_dense  # noqa: PLC0415
-
-        ff, fbs = _per_image_dense(filler, fmt)  # the filler in x's layout
+        ff, fbs = per_image_dense(filler, fmt)  # the filler in x's layout
     else:
         ff, fbs = xx, xbs
     s = spec
