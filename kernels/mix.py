@@ -34,21 +34,23 @@ from kernels.layout import out_format, per_image_dense
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
-MAX_REDRAWS = 1000  # block_mask.h: kMaxRedraws
-BLOCK_ATTEMPTS = 10
+# Globals read inside @triton.jit functions must be tl.constexpr: a GPU compile refuses any
+# other global (the interpreter does not check). Wrapping changes no value.
+MAX_REDRAWS = tl.constexpr(1000)  # block_mask.h: kMaxRedraws
+BLOCK_ATTEMPTS = tl.constexpr(10)
 
 # float32 constants of the block generator (exact hex floats, as in block_mask.h / fp32.h)
-LOG_ASPECT_LO = float.fromhex("-0x1.34379p+0")
-LOG_ASPECT_SPAN = float.fromhex("0x1.34379p+1")
-EXP_C11 = float.fromhex("0x1.ae6456p-26")
-EXP_C10 = float.fromhex("0x1.27e4fcp-22")
-EXP_C9 = float.fromhex("0x1.71de3ap-19")
-EXP_C8 = float.fromhex("0x1.a01a02p-16")
-EXP_C7 = float.fromhex("0x1.a01a02p-13")
-EXP_C6 = float.fromhex("0x1.6c16c2p-10")
-EXP_C5 = float.fromhex("0x1.111112p-7")
-EXP_C4 = float.fromhex("0x1.555556p-5")
-EXP_C3 = float.fromhex("0x1.555556p-3")
+LOG_ASPECT_LO = tl.constexpr(float.fromhex("-0x1.34379p+0"))
+LOG_ASPECT_SPAN = tl.constexpr(float.fromhex("0x1.34379p+1"))
+EXP_C11 = tl.constexpr(float.fromhex("0x1.ae6456p-26"))
+EXP_C10 = tl.constexpr(float.fromhex("0x1.27e4fcp-22"))
+EXP_C9 = tl.constexpr(float.fromhex("0x1.71de3ap-19"))
+EXP_C8 = tl.constexpr(float.fromhex("0x1.a01a02p-16"))
+EXP_C7 = tl.constexpr(float.fromhex("0x1.a01a02p-13"))
+EXP_C6 = tl.constexpr(float.fromhex("0x1.6c16c2p-10"))
+EXP_C5 = tl.constexpr(float.fromhex("0x1.111112p-7"))
+EXP_C4 = tl.constexpr(float.fromhex("0x1.555556p-5"))
+EXP_C3 = tl.constexpr(float.fromhex("0x1.555556p-3"))
 
 DT_F32, DT_BF16, DT_F16 = 0, 1, 2
 _DT = {torch.float32: DT_F32, torch.bfloat16: DT_BF16, torch.float16: DT_F16}
