@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels import aot
+from kernels.aot import Launch
 
 # Whether these kernels were defined in interpreter mode. Triton decides at definition time, so it is captured at
 # import; CPU tensors can only run through kernels defined this way.
@@ -250,25 +253,69 @@ def _split_length(n: int, block: int, splits: int) -> Tuple[int, int]:
     return per, triton.cdiv(n, per)
 
 
-def lse(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
-        splits: Optional[int] = None) -> torch.Tensor:
-    """Row logsumexp of `scale * q @ cols.T` (float32 [M]), skipping `exclude[r]`; see the module docstring."""
+def lse_launch(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
+               splits: Optional[int] = None, device_type: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, Launch]:
+    """The partials (max, sum) [splits, M] and the launch that fills them, for M, N > 0. `device_type` picks the
+    configuration (default: q's device; "cuda" with CPU tensors to compile the GPU launch anywhere)."""
     M, N = q.shape[0], cols.shape[0]
-    out = torch.full((M,), float("-inf"), dtype=torch.float32, device=q.device)
-    if M == 0 or N == 0:
-        return out
-    cfg = _config(q.dtype, q.shape[1], q.device.type)
+    cfg = _config(q.dtype, q.shape[1], device_type or q.device.type)
     row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
     per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
     part_max = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
     part_sum = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
-    _lse_partials_kernel[(row_blocks, n_splits)](
+    launch = Launch(_lse_partials_kernel, (row_blocks, n_splits), (
         q, cols, exclude if exclude is not None else q, part_max, part_sum, M, N, q.stride(0), cols.stride(0), per,
-        scale * _LOG2E, D=q.shape[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
+        scale * _LOG2E), dict(D=q.shape[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                              HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"]))
+    return part_max, part_sum, launch
+
+
+def lse(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
+        splits: Optional[int] = None) -> torch.Tensor:
+    """Row logsumexp of `scale * q @ cols.T` (float32 [M]), skipping `exclude[r]`; see the module docstring."""
+    M, N = q.shape[0], cols.shape[0]
+    if M == 0 or N == 0:
+        return torch.full((M,), float("-inf"), dtype=torch.float32, device=q.device)
+    part_max, part_sum, launch = lse_launch(q, cols, exclude, scale, splits)
+    launch()
     # Deterministic combine: each split's lse in base 2 (-inf for an empty sum), then a logsumexp over splits.
     return torch.logsumexp((part_max + torch.log2(part_sum)) * _LN2, dim=0)
+
+
+def grad_launches(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], lse_: Optional[torch.Tensor],
+                  gl: Optional[torch.Tensor], pos: Optional[torch.Tensor], gs: Optional[torch.Tensor], scale: float,
+                  in_denom: bool, need_dq: bool, need_dcols: bool, splits: Optional[int] = None,
+                  device_type: Optional[str] = None) -> Dict[str, Tuple[torch.Tensor, Launch]]:
+    """{"grad_q": (partials [splits, M, D], launch), "grad_cols": (partials [splits, N, D], launch)}, each only when
+    asked for, for M, N > 0; `device_type` as in `lse_launch`."""
+    M, N, D = q.shape[0], cols.shape[0], q.shape[1]
+    cfg = _config(q.dtype, D, device_type or q.device.type)
+    flags = dict(P=pos.shape[1] if pos is not None else 1, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_D=cfg["BLOCK_D"], HAS_EXCL=in_denom and exclude is not None, IN_DENOM=in_denom,
+                 HAS_POS=pos is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    args = (exclude if exclude is not None else q,
+            lse_.float().mul(_LOG2E) if in_denom else dummy,
+            gl.float().contiguous() if in_denom else dummy,
+            pos if pos is not None else q,
+            gs.float().contiguous() if pos is not None else dummy)
+    launches = {}
+    if need_dq:
+        row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+        n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
+        per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
+        part = torch.empty((n_splits, M, D), dtype=torch.float32, device=q.device)
+        launches["grad_q"] = part, Launch(_grad_q_kernel, (row_blocks, n_splits), (
+            q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per, scale * _LOG2E, scale), flags)
+    if need_dcols:
+        col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        n_splits = _num_splits(col_blocks, triton.cdiv(M, cfg["BLOCK_M"]), q.device, splits)
+        per, n_splits = _split_length(M, cfg["BLOCK_M"], n_splits)
+        part = torch.empty((n_splits, N, D), dtype=torch.float32, device=q.device)
+        launches["grad_cols"] = part, Launch(_grad_cols_kernel, (col_blocks, n_splits), (
+            q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per, scale * _LOG2E, scale), flags)
+    return launches
 
 
 def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], lse_: Optional[torch.Tensor],
@@ -281,32 +328,12 @@ def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], 
     dcols = torch.zeros((N, D), dtype=torch.float32, device=q.device) if need_dcols else None
     if M == 0 or N == 0 or not (need_dq or need_dcols):
         return dq, dcols
-    cfg = _config(q.dtype, q.shape[1], q.device.type)
-    flags = dict(P=pos.shape[1] if pos is not None else 1, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_D=cfg["BLOCK_D"], HAS_EXCL=in_denom and exclude is not None, IN_DENOM=in_denom,
-                 HAS_POS=pos is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
-    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-    args = (exclude if exclude is not None else q,
-            lse_.float().mul(_LOG2E) if in_denom else dummy,
-            gl.float().contiguous() if in_denom else dummy,
-            pos if pos is not None else q,
-            gs.float().contiguous() if pos is not None else dummy)
-    if need_dq:
-        row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-        n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
-        per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
-        part = torch.empty((n_splits, M, D), dtype=torch.float32, device=q.device)
-        _grad_q_kernel[(row_blocks, n_splits)](q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per,
-                                               scale * _LOG2E, scale, **flags)
-        torch.sum(part, dim=0, out=dq)
-    if need_dcols:
-        col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-        n_splits = _num_splits(col_blocks, triton.cdiv(M, cfg["BLOCK_M"]), q.device, splits)
-        per, n_splits = _split_length(M, cfg["BLOCK_M"], n_splits)
-        part = torch.empty((n_splits, N, D), dtype=torch.float32, device=q.device)
-        _grad_cols_kernel[(col_blocks, n_splits)](q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per,
-                                                  scale * _LOG2E, scale, **flags)
-        torch.sum(part, dim=0, out=dcols)
+    launches = grad_launches(q, cols, exclude, lse_, gl, pos, gs, scale, in_denom, need_dq, need_dcols, splits)
+    for name, out in (("grad_q", dq), ("grad_cols", dcols)):
+        if name in launches:
+            part, launch = launches[name]
+            launch()
+            torch.sum(part, dim=0, out=out)  # fixed-order sum of the splits' partials
     return dq, dcols
 
 
@@ -314,38 +341,26 @@ def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], 
 # ahead-of-time compilation for a GPU target (no GPU needed): lets a CPU-only CI check the GPU code path
 # ---------------------------------------------------------------------------------------------------------------
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+def example_launches(dtype: torch.dtype, d: int, *, exclude: bool = False, in_denom: bool = True, p: int = 0,
+                     need_dcols: bool = False, m: int = 96, n: int = 256) -> Dict[str, Launch]:
+    """The GPU launches of one soft_infonce call, built by `lse_launch` / `grad_launches` on CPU tensors: "lse" and
+    "grad_q" always, "grad_cols" with `need_dcols`. `exclude`: in-batch rows skip a column; `in_denom`: the columns
+    are in the denominator (False: MoCo keys reached only through their positives); `p` positives per row (0: none).
+    Sizes matter only through Triton's value specializations (M, N and strides divisible by 16, as in training)."""
+    q, cols = torch.zeros((m, d), dtype=dtype), torch.zeros((n, d), dtype=dtype)
+    excl = torch.zeros((m,), dtype=torch.int64) if exclude else None
+    pos = torch.zeros((m, p), dtype=torch.int64) if p else None
+    gs = torch.zeros((m, p)) if p else None
+    row = torch.zeros((m,))
+    _, _, launch = lse_launch(q, cols, excl, 5.0, splits=4, device_type="cuda")
+    grads_ = grad_launches(q, cols, excl, row if in_denom else None, row if in_denom else None, pos, gs, 5.0,
+                           in_denom, True, need_dcols, splits=4, device_type="cuda")
+    return {"lse": launch, **{name: launch for name, (_, launch) in grads_.items()}}
 
 
-def compile_for_gpu(dtype: torch.dtype, d: int, arch: int = 90, p: int = 2) -> dict:
-    """Compile the three kernels with the launchers' GPU configuration for CUDA sm_`arch`; returns their
-    shared-memory bytes. Raises if Triton cannot compile them. Needs kernels defined outside the interpreter."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def compile_for_gpu(dtype: torch.dtype, d: int, arch: int = 90, **variant) -> dict:
+    """Compile `example_launches(dtype, d, **variant)` for CUDA sm_`arch` without a GPU: {name: CompiledKernel}.
+    Raises if Triton cannot compile them. Needs kernels defined outside the interpreter."""
     if INTERPRETED:
         raise RuntimeError("compile_for_gpu needs kernels defined without TRITON_INTERPRET=1")
-    cfg = _config(dtype, d, "cuda")
-    t = _TRITON_DTYPES[dtype]
-    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-    common = {"Q": f"*{t}", "C": f"*{t}", "EXCL": "*i64"}
-    sizes = {"M": "i32", "N": "i32", "stride_q": "i32", "stride_c": "i32"}
-    flags = dict(D=d, **blocks, HAS_EXCL=True, DOT_F32=cfg["DOT_F32"])
-    grad_flags = dict(flags, P=p, IN_DENOM=True, HAS_POS=True)
-    grad_ptrs = {"LSE2": "*fp32", "GL": "*fp32", "POS": "*i64", "GS": "*fp32"}
-    kernels = {
-        "lse": (_lse_partials_kernel, {**common, "PART_MAX": "*fp32", "PART_SUM": "*fp32", **sizes,
-                                       "cols_per_split": "i32", "scale_log2": "fp32"}, flags),
-        "grad_q": (_grad_q_kernel, {**common, **grad_ptrs, "PART_DQ": "*fp32", **sizes, "cols_per_split": "i32",
-                                    "scale_log2": "fp32", "scale": "fp32"}, grad_flags),
-        "grad_cols": (_grad_cols_kernel, {**common, **grad_ptrs, "PART_DC": "*fp32", **sizes,
-                                          "rows_per_split": "i32", "scale_log2": "fp32", "scale": "fp32"},
-                      grad_flags),
-    }
-    shared = {}
-    for name, (fn, signature, constexprs) in kernels.items():
-        signature = {**signature, **{k: "constexpr" for k in constexprs}}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options=cfg["launch"])
-        shared[name] = compiled.metadata.shared
-    return shared
+    return {name: aot.compile_launch(launch, arch) for name, launch in example_launches(dtype, d, **variant).items()}
