@@ -511,13 +511,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS_VIEW[t.dtype])
 
 
+def _i32(key: int) -> int:
+    """A uint32 mask key as the int32 of the same bits (the kernels bitcast it back, _u32).
+    Triton types an integer argument by its value (i32 below 2^31, else i64), so passing
+    keys as they are would compile a kernel per key range; as int32 every seed and step
+    launches the same compiled kernel."""
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
 def philox(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     """Philox4x32-10 words of int64 counters [n, 4] (values < 2^32) under key (k0, k1):
     int64 [n, 4]. For the tests: the kernels' Philox against the reference's."""
     n = counters.shape[0]
     out = torch.empty_like(counters)
-    _philox_kernel[(1,)](counters.contiguous(), out, n, k0, k1, BLOCK_N=triton.next_power_of_2(max(n, 1)),
-                         **_launch_opts(counters.device))
+    _philox_kernel[(1,)](counters.contiguous(), out, n, _i32(k0), _i32(k1),
+                         BLOCK_N=triton.next_power_of_2(max(n, 1)), **_launch_opts(counters.device))
     return out
 
 
@@ -528,7 +536,7 @@ def philox(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
 def make_masks_launch(spec, out: torch.Tensor) -> Launch:
     n = out.shape[0]
     return Launch(_make_masks_kernel, (n,),
-                  (out, spec.key0, spec.key1, spec.grid, spec.kind, spec.num, spec.min_patches,
+                  (out, _i32(spec.key0), _i32(spec.key1), spec.grid, spec.kind, spec.num, spec.min_patches,
                    spec.threshold24),
                   dict(GP=_gp(spec.grid), **_launch_opts(out.device)))
 
@@ -562,7 +570,7 @@ def mix_launch(x, *, masks, spec, n_masks: int, grid: int, perm, filler, want_sw
     launch = Launch(_mix_kernel, (_programs(units * chunks, x.device),), (
         _bits(xx), _bits(ff), perm_arg, _bits(mixed), _bits(switch) if want_switch else _bits(mixed), mbuf, lam,
         B, C, H, W, xbs, fbs, units, chunks, grid, _scale(grid, H), _scale(grid, W),
-        s.key0 if s else 0, s.key1 if s else 0, s.kind if s else 0, s.num if s else 1,
+        _i32(s.key0) if s else 0, _i32(s.key1) if s else 0, s.kind if s else 0, s.num if s else 1,
         s.min_patches if s else 1, s.threshold24 if s else 1), dict(
         PAIR=pair, HAS_FILLER=filler is not None, WANT_SWITCH=want_switch, GENERATE=generate,
         PER_SAMPLE=n_masks > 1, CHANNELS_LAST=cl, GP=_gp(grid), BLOCK_E=BLOCK, BLOCK_HW=64,

@@ -165,3 +165,44 @@ def test_infonce_kernels_compile_for_gpu(arch):
               ("grad_q", "HAS_POS"): both, ("grad_cols", "HAS_EXCL"): both, ("grad_cols", "IN_DENOM"): both,
               ("grad_cols", "HAS_POS"): {True}}
     assert seen == {(name, flag, v) for (name, flag), values in expect.items() for v in values}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one compiled kernel per op across seeds and steps
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_seed_and_step_launches_one_compiled_kernel_per_op():
+    """Triton compiles a kernel per specialization key: integer arguments are typed by value (i32 below 2^31,
+    else i64) and, unless listed in do_not_specialize, also specialized on == 1 and divisibility by 16. The mask
+    keys are uint32 (half of them >= 2^31), and the ratio schedule, the Un-Mix λ and box change every step: none of
+    these may change the key, or training recompiles in its first steps. The key is Triton's own, computed from the
+    wrappers' launch arguments."""
+    from mixfast.ops import reference as ref
+
+    B = 6
+    x = torch.zeros((B, 3, 20, 20), dtype=BF16).contiguous(memory_format=torch.channels_last)
+    perm = torch.arange(B - 1, -1, -1)
+    masks = torch.zeros((1, TRAIN_GRID, TRAIN_GRID), dtype=torch.bool)
+    keys, key_words = {}, set()
+    for seed in (0, 1, 12345, -7, 2**40 + 3):
+        for step in range(0, 400, 37):
+            ratio = 0.3 + 0.4 * step / 400  # a schedule: num and threshold24 change with the step
+            lam = (step % 97) / 97
+            for kind in ("block", "discrete"):
+                spec = ref.mask_spec(TRAIN_GRID, ratio, kind, seed, step)
+                key_words |= {spec.key0 >= 2**31, spec.key1 >= 2**31}
+                out = torch.empty((B, TRAIN_GRID, TRAIN_GRID), dtype=torch.uint8)
+                launches = {
+                    "make_masks": kmix.make_masks_launch(spec, out),
+                    "make_masks_and_mix": kmix.mix_launch(x, masks=None, spec=spec, n_masks=1, grid=TRAIN_GRID,
+                                                          perm=perm, filler=None, want_switch=False,
+                                                          perm_is_flip=True)[1],
+                    "unmix": kmix.unmix_launch(x, lam=lam, use_mixup=False, box=ref.rand_bbox(20, 20, lam))[1],
+                    "mix_and_unmix": kmix.mix_and_unmix_launch(x, masks=masks, perm=perm, want_switch=False,
+                                                               lam=lam, use_mixup=True, box=(0, 0, 0, 0))[1],
+                }
+                for op, launch in launches.items():
+                    keys.setdefault(op, set()).add(aot.specialization_key(launch))
+    assert key_words == {False, True}  # keys on both sides of 2^31 were launched
+    assert {op: len(k) for op, k in keys.items()} == {op: 1 for op in keys}, keys
