@@ -101,9 +101,13 @@ def resource_usage(compiled) -> dict:
         ptx.write_text(compiled.asm["ptx"])
         proc = subprocess.run([get_ptxas(arch).path, *flags, str(ptx), "-o", str(Path(tmp) / "kernel.cubin")],
                               capture_output=True, text=True, check=True)
-    log = proc.stdout + proc.stderr
+    return parse_ptxas_log(proc.stdout + proc.stderr)
+
+
+def parse_ptxas_log(log: str) -> dict:
+    """``ptxas -v`` output of one kernel -> registers, stack, spill_stores, spill_loads."""
     stack, regs = _PTXAS_STACK.findall(log), _PTXAS_REGS.findall(log)
     if len(stack) != 1 or len(regs) != 1:
-        raise RuntimeError(f"unexpected ptxas -v output for {meta.name}:\n{log}")
+        raise RuntimeError(f"expected the resource lines of one kernel in ptxas -v output, got:\n{log}")
     frame, stores, loads = map(int, stack[0])
     return {"registers": int(regs[0]), "stack": frame, "spill_stores": stores, "spill_loads": loads}

@@ -496,8 +496,15 @@ def _programs(items: int, device: torch.device) -> int:
     return max(1, min(items, 3))  # interpreter: a few programs, so the per-program logic is exercised
 
 
+# Warps per program on a GPU. With Triton's default of 4, a [BLOCK] chunk is 8 elements a thread and the mask
+# generator of make_masks_and_mix spills registers on sm_80 (at GP = 64 on sm_90 too); 8 warps halve that and no
+# variant spills (tests/ops/test_triton_aot.py). Every reduction in these kernels is over integers, so the
+# warp count changes no bit of the results.
+NUM_WARPS = 8
+
+
 def _launch_opts(device: torch.device) -> dict:
-    return {} if INTERPRET else {"enable_fp_fusion": False}
+    return {} if INTERPRET else {"enable_fp_fusion": False, "num_warps": NUM_WARPS}
 
 
 def _layout(x: torch.Tensor):

@@ -131,6 +131,31 @@ def test_mix_kernels_compile_for_gpu(arch):
         assert not kernel.metadata.enable_fp_fusion  # the mask generator's float32 chain must not contract
 
 
+def _spills(kernel) -> dict:
+    """The kernel's resource usage if it uses local memory (stack frame or spills), else {}."""
+    usage = aot.resource_usage(kernel)
+    return usage if usage["stack"] or usage["spill_stores"] or usage["spill_loads"] else {}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mix_kernels_do_not_spill(arch):
+    """No stack frame and no spills (read from ptxas -v) in any compiled mix variant, those training runs first
+    among them: a spill puts a round trip to local memory into a kernel that should be bound by image traffic."""
+    spilling = {(op, str(variant)): usage for op, variant in TRAINER_MIX + OTHER_MIX
+                if (usage := _spills(_compiled_mix(op, arch, _key(variant))))}
+    assert not spilling, spilling
+
+
+def test_ptxas_resource_lines_are_read():
+    log = ("ptxas info    : Compiling entry function '_k' for 'sm_80'\n"
+           "ptxas info    : Function properties for _k\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 72 registers, used 1 barriers, 592 bytes cmem[0]\n")
+    assert aot.parse_ptxas_log(log) == {"registers": 72, "stack": 8, "spill_stores": 4, "spill_loads": 12}
+    with pytest.raises(RuntimeError, match="resource lines"):
+        aot.parse_ptxas_log(log + log)  # two kernels: ambiguous
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # soft_infonce kernels
 # ---------------------------------------------------------------------------------------------------------------
