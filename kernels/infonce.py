@@ -17,11 +17,11 @@ Precision: loads in the input dtype (fp32/bf16/fp16), accumulation in fp32. The 
 into the one multiply that turns a dot product into a base-2 logit (it fuses with the max subtraction feeding exp2):
 scaling a bf16 `q` by 1/tau before the dot would round q a second time, as coarsely as its own storage did.
 fp32 inputs use IEEE fp32 dots (TF32 off) on the FMA units, over D in slices (`_logits`) so that no thread holds a
-whole row of D in registers. Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) tiles are
-upcast to fp32 after loading because the interpreter has no bf16 dot.
+whole row of D in registers. Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) tiles are upcast to fp32
+after loading because the interpreter has no bf16 dot.
 
-No autotuning: block sizes come from a small table by kernel, dtype and D (autotune's benchmarking does not run under the
-interpreter, and a fixed table keeps results reproducible); D up to 256.
+No autotuning: block sizes come from a small table by kernel, dtype and D (autotune's benchmarking does not run under
+the interpreter, and a fixed table keeps results reproducible); D up to 256.
 """
 
 from __future__ import annotations
@@ -289,7 +289,8 @@ def _split_length(n: int, block: int, splits: int) -> Tuple[int, int]:
 
 
 def lse_launch(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
-               splits: Optional[int] = None, device_type: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, Launch]:
+               splits: Optional[int] = None,
+               device_type: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, Launch]:
     """The partials (max, sum) [splits, M] and the launch that fills them, for M, N > 0. `device_type` picks the
     configuration (default: q's device; "cuda" with CPU tensors to compile the GPU launch anywhere)."""
     M, N = q.shape[0], cols.shape[0]
@@ -302,7 +303,8 @@ def lse_launch(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tens
     launch = Launch(_lse_partials_kernel, (row_blocks, n_splits), (
         q, cols, exclude if exclude is not None else q, part_max, part_sum, M, N, q.stride(0), cols.stride(0), per,
         scale * _LOG2E), dict(D=q.shape[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                              BLOCK_K=cfg["BLOCK_K"], HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"]))
+                              BLOCK_K=cfg["BLOCK_K"], HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"],
+                              **cfg["launch"]))
     return part_max, part_sum, launch
 
 
@@ -327,8 +329,8 @@ def grad_launches(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.T
     M, N, D = q.shape[0], cols.shape[0], q.shape[1]
     cfg = _config(q.dtype, D, device_type or q.device.type, "grad")
     flags = dict(P=pos.shape[1] if pos is not None else 1, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], HAS_EXCL=in_denom and exclude is not None, IN_DENOM=in_denom,
-                 HAS_POS=pos is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
+                 BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], HAS_EXCL=in_denom and exclude is not None,
+                 IN_DENOM=in_denom, HAS_POS=pos is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
     args = (exclude if exclude is not None else q,
             lse_.float().mul(_LOG2E) if in_denom else dummy,

@@ -1,14 +1,16 @@
 """The Triton kernels' GPU code path, checked on a machine without a GPU.
 
 The interpreter runs the kernels' logic (test_mix_parity, test_infonce) but never compiles them: it accepts code a
-GPU compile refuses, and it says nothing about registers. Here every kernel variant the ops launch is compiled
-ahead of time for sm_80 (A100) and sm_90 (H100/H200) through the host wrappers' own launch descriptions
-(`kernels.aot.compile_launch` hands their arguments to Triton's binder), so what is compiled is what is launched.
+GPU compile refuses, and it says nothing about registers. Here the kernel variants the ops launch (a covering
+sample, below) are compiled ahead of time for sm_80 (A100) and sm_90 (H100/H200) through the host wrappers' own
+launch descriptions (`kernels.aot.compile_launch` hands their arguments to Triton's binder), so what is compiled is
+what is launched.
 
-Variants: a full cross product of flags x dtypes x grids x archs is ~700 compiles for the mix kernels alone (over
-ten minutes on two cores), so the sets below are sampled, and each test asserts what its sample covers:
-* every value of every constexpr flag, every data type a kernel sees, and every mask grid size GP (2..64), on
-  both archs;
+Variants: a full cross product of flags x dtypes x grids x archs is ~670 compiles for the mix kernels alone (about
+nine minutes on two cores at ~0.8 s each), so the sets below are sampled, and the tests assert what the samples
+cover:
+* every value of every constexpr flag, every data type a kernel sees, every mask grid size GP (2..64) of the
+  mixing kernel and the smallest and largest of the others, on both archs;
 * in full, the variants training runs: float32 and bfloat16 images, NCHW and channels_last, per-batch masks at
   the configs' grid, every op the mixers call (those must also not spill);
 * soft_infonce: each dtype at D=128 (training's width) with every backward-flag combination the autograd function
