@@ -16,22 +16,26 @@ Implements the two primitives every soft-InfoNCE backend provides (definitions i
 Precision: loads in the input dtype (fp32/bf16/fp16), accumulation in fp32. The temperature and log2(e) are folded
 into the one multiply that turns a dot product into a base-2 logit (it fuses with the max subtraction feeding exp2):
 scaling a bf16 `q` by 1/tau before the dot would round q a second time, as coarsely as its own storage did.
-fp32 inputs use IEEE fp32 dots (TF32 off). Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) tiles are
-upcast to fp32 after loading because the interpreter has no bf16 dot.
+fp32 inputs use IEEE fp32 dots (TF32 off) on the FMA units, over D in slices (`_logits`) so that no thread holds a
+whole row of D in registers. Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) tiles are upcast to fp32
+after loading because the interpreter has no bf16 dot.
 
-No autotuning: block sizes come from a small table by dtype and D (autotune's benchmarking does not run under the
-interpreter, and a fixed table keeps results reproducible); D up to 256.
+No autotuning: block sizes come from a small table by kernel, dtype and D (autotune's benchmarking does not run under
+the interpreter, and a fixed table keeps results reproducible); D up to 256.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels import aot
+from kernels.aot import Launch
 
 # Whether these kernels were defined in interpreter mode. Triton decides at definition time, so it is captured at
 # import; CPU tensors can only run through kernels defined this way.
@@ -60,12 +64,32 @@ def _load_rows(ptr, rows, dims, row_ok, stride, D: tl.constexpr, DOT_F32: tl.con
 
 
 @triton.jit
-def _dot_nt(a, b, DOT_F32: tl.constexpr):
-    """a @ b.T with fp32 accumulation (IEEE fp32 when DOT_F32, else the inputs' tensor-core dtype)."""
+def _dot_nt(a, b, acc, DOT_F32: tl.constexpr):
+    """acc + a @ b.T with fp32 accumulation (IEEE fp32 when DOT_F32, else the inputs' tensor-core dtype)."""
     if DOT_F32:
-        s = tl.dot(a, tl.trans(b), input_precision="ieee")
+        s = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
     else:
-        s = tl.dot(a, tl.trans(b))
+        s = tl.dot(a, tl.trans(b), acc)
+    return s
+
+
+@triton.jit
+def _logits(Q, C, q, c, rows, cols, row_ok, col_ok, stride_q, stride_c, D: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    """q @ c.T (fp32 [BLOCK_M, BLOCK_N]) for a row tile and a column tile.
+
+    BLOCK_K == BLOCK_D: one dot of the resident tiles `q` and `c`. BLOCK_K < BLOCK_D (fp32): D is walked in BLOCK_K
+    slices of Q and C loaded here (`q`, `c` are unused), each slice's dot accumulating into the last one's: an IEEE
+    fp32 dot runs on the FMA units, where each thread holds every k of its rows and columns in registers, and a
+    whole D of 128 spills."""
+    if BLOCK_K < BLOCK_D:
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, BLOCK_D, BLOCK_K):
+            dims = k0 + tl.arange(0, BLOCK_K)
+            s = _dot_nt(_load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32),
+                        _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32), s, DOT_F32)
+    else:
+        s = _dot_nt(q, c, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_F32)
     return s
 
 
@@ -80,12 +104,14 @@ def _dot_nn(coef, b, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _coef(q, c, rows, cols, row_ok, col_ok, excl, lse2, gl, POS, GS, scale_log2,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, P: tl.constexpr, HAS_EXCL: tl.constexpr,
-          IN_DENOM: tl.constexpr, HAS_POS: tl.constexpr, DOT_F32: tl.constexpr):
+def _coef(Q, C, q, c, rows, cols, row_ok, col_ok, stride_q, stride_c, excl, lse2, gl, POS, GS, scale_log2,
+          P: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+          BLOCK_K: tl.constexpr, HAS_EXCL: tl.constexpr, IN_DENOM: tl.constexpr, HAS_POS: tl.constexpr,
+          DOT_F32: tl.constexpr):
     """d F / d s for one tile: gl_r softmax_rj (if the columns are in the denominator) + the positives' gs_rp."""
     if IN_DENOM:
-        s2 = _dot_nt(q, c, DOT_F32) * scale_log2
+        s2 = _logits(Q, C, q, c, rows, cols, row_ok, col_ok, stride_q, stride_c, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                     BLOCK_K, DOT_F32) * scale_log2
         valid = row_ok[:, None] & col_ok[None, :]
         if HAS_EXCL:
             valid = valid & (cols[None, :] != excl[:, None])
@@ -108,12 +134,13 @@ def _coef(q, c, rows, cols, row_ok, col_ok, excl, lse2, gl, POS, GS, scale_log2,
 @triton.jit
 def _lse_partials_kernel(Q, C, EXCL, PART_MAX, PART_SUM, M, N, stride_q, stride_c, cols_per_split, scale_log2,
                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         HAS_EXCL: tl.constexpr, DOT_F32: tl.constexpr):
+                         BLOCK_K: tl.constexpr, HAS_EXCL: tl.constexpr, DOT_F32: tl.constexpr):
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
-    q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32)  # stays in registers for the whole split
+    # q resident for the whole split, unless D is walked in slices (see _logits)
+    q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32) if BLOCK_K == BLOCK_D else rows
     if HAS_EXCL:
         excl = tl.load(EXCL + rows, mask=row_ok, other=-1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -123,8 +150,9 @@ def _lse_partials_kernel(Q, C, EXCL, PART_MAX, PART_SUM, M, N, stride_q, stride_
     for c0 in range(start, end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < end
-        c = _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32)
-        s2 = _dot_nt(q, c, DOT_F32) * scale_log2
+        c = _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32) if BLOCK_K == BLOCK_D else cols
+        s2 = _logits(Q, C, q, c, rows, cols, row_ok, col_ok, stride_q, stride_c, D, BLOCK_M, BLOCK_N, BLOCK_D,
+                     BLOCK_K, DOT_F32) * scale_log2
         valid = col_ok[None, :]
         if HAS_EXCL:
             valid = valid & (cols[None, :] != excl[:, None])
@@ -158,13 +186,13 @@ def _row_terms(EXCL, LSE2, GL, rows, row_ok, BLOCK_M: tl.constexpr, HAS_EXCL: tl
 @triton.jit
 def _grad_q_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DQ, M, N, stride_q, stride_c, cols_per_split,
                    scale_log2, scale, P: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_EXCL: tl.constexpr, IN_DENOM: tl.constexpr,
-                   HAS_POS: tl.constexpr, DOT_F32: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, HAS_EXCL: tl.constexpr,
+                   IN_DENOM: tl.constexpr, HAS_POS: tl.constexpr, DOT_F32: tl.constexpr):
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < M
-    q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32)
+    q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32) if BLOCK_K == BLOCK_D else rows  # see _logits
     excl, lse2, gl = _row_terms(EXCL, LSE2, GL, rows, row_ok, BLOCK_M, HAS_EXCL, IN_DENOM)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     start = split * cols_per_split
@@ -173,8 +201,8 @@ def _grad_q_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DQ, M, N, stride_q, strid
         cols = c0 + tl.arange(0, BLOCK_N)
         col_ok = cols < end
         c = _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32)
-        coef = _coef(q, c, rows, cols, row_ok, col_ok, excl, lse2, gl, POS, GS, scale_log2,
-                     BLOCK_M, BLOCK_N, P, HAS_EXCL, IN_DENOM, HAS_POS, DOT_F32)
+        coef = _coef(Q, C, q, c, rows, cols, row_ok, col_ok, stride_q, stride_c, excl, lse2, gl, POS, GS,
+                     scale_log2, P, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, HAS_EXCL, IN_DENOM, HAS_POS, DOT_F32)
         acc += _dot_nn(coef, c, DOT_F32)
     out = (split.to(tl.int64) * M + rows.to(tl.int64))[:, None] * D + dims[None, :]
     tl.store(PART_DQ + out, acc * scale, mask=row_ok[:, None] & (dims[None, :] < D))
@@ -183,13 +211,14 @@ def _grad_q_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DQ, M, N, stride_q, strid
 @triton.jit
 def _grad_cols_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DC, M, N, stride_q, stride_c, rows_per_split,
                       scale_log2, scale, P: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_EXCL: tl.constexpr,
-                      IN_DENOM: tl.constexpr, HAS_POS: tl.constexpr, DOT_F32: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_EXCL: tl.constexpr, IN_DENOM: tl.constexpr, HAS_POS: tl.constexpr, DOT_F32: tl.constexpr):
     split = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < N
-    c = _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32)  # stays in registers for the whole split
+    # resident for the whole split, unless D is walked in slices (see _logits)
+    c = _load_rows(C, cols, dims, col_ok, stride_c, D, DOT_F32) if BLOCK_K == BLOCK_D else cols
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start = split * rows_per_split
     end = tl.minimum(start + rows_per_split, M)
@@ -198,8 +227,8 @@ def _grad_cols_kernel(Q, C, EXCL, LSE2, GL, POS, GS, PART_DC, M, N, stride_q, st
         row_ok = rows < end
         q = _load_rows(Q, rows, dims, row_ok, stride_q, D, DOT_F32)
         excl, lse2, gl = _row_terms(EXCL, LSE2, GL, rows, row_ok, BLOCK_M, HAS_EXCL, IN_DENOM)
-        coef = _coef(q, c, rows, cols, row_ok, col_ok, excl, lse2, gl, POS, GS, scale_log2,
-                     BLOCK_M, BLOCK_N, P, HAS_EXCL, IN_DENOM, HAS_POS, DOT_F32)
+        coef = _coef(Q, C, q, c, rows, cols, row_ok, col_ok, stride_q, stride_c, excl, lse2, gl, POS, GS,
+                     scale_log2, P, D, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_K, HAS_EXCL, IN_DENOM, HAS_POS, DOT_F32)
         acc += _dot_nn(tl.trans(coef), q, DOT_F32)
     out = (split.to(tl.int64) * N + cols.to(tl.int64))[:, None] * D + dims[None, :]
     tl.store(PART_DC + out, acc * scale, mask=col_ok[:, None] & (dims[None, :] < D))
@@ -217,19 +246,28 @@ def supports(q: torch.Tensor, cols: torch.Tensor) -> bool:
     return q.dtype in DTYPES and cols.dtype == q.dtype and q.shape[1] <= MAX_DIM
 
 
-def _config(dtype: torch.dtype, d: int, device_type: str) -> dict:
-    """Tile sizes: small tiles under the interpreter (it executes every program in numpy), GPU tiles otherwise."""
+def _config(dtype: torch.dtype, d: int, device_type: str, kernel: str) -> dict:
+    """Tile sizes of `kernel` ("lse" or "grad"): small tiles under the interpreter (it executes every program in
+    numpy), GPU tiles otherwise, chosen so that no variant spills registers on sm_80 or sm_90 (ptxas' report is read
+    by tests/ops/test_triton_aot.py)."""
     block_d = max(16, triton.next_power_of_2(d))
-    if device_type == "cpu":
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, DOT_F32=True, launch={})
-    wide = block_d > 128  # [rows, 256] tiles of q and of the dq accumulator: smaller tiles, more warps
+    if device_type == "cpu":  # fp32 walks D in slices as on a GPU, so that path runs under the interpreter too
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, BLOCK_K=16 if dtype == torch.float32 else block_d,
+                    DOT_F32=True, launch={})
+    wide = block_d > 128
     # FMA contraction stays on (named, since Triton's default is changing): the scale folds into exp2's argument as
     # one FMA, and a contracted multiply-add is never less accurate than the two rounded steps.
-    if dtype == torch.float32:  # IEEE fp32 dots run on the FMA units: smaller tiles, fewer registers
-        return dict(BLOCK_M=32 if wide else 64, BLOCK_N=32, BLOCK_D=block_d, DOT_F32=True,
-                    launch=dict(num_warps=8 if wide else 4, num_stages=2, enable_fp_fusion=True))
-    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, DOT_F32=False,
-                launch=dict(num_warps=8 if wide else 4, num_stages=3, enable_fp_fusion=True))
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on the FMA units, which hold every k of a thread's operand rows in registers: the
+        # logits walk D in slices of 32 (_logits), and the backward's second product, whose k runs over the streamed
+        # tile (columns for dq, rows for dcols), keeps that tile at 32 (16 next to a 256-wide accumulator).
+        tiles = (64, 64) if kernel == "lse" else ((32, 16) if wide else (32, 32))
+        return dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_D=block_d, BLOCK_K=32, DOT_F32=True,
+                    launch=dict(num_warps=8, num_stages=2, enable_fp_fusion=True))
+    # 16-bit: tensor-core dots over the whole D of resident tiles; the backward (an [rows, D] fp32 accumulator next
+    # to the logits tile) needs 8 warps not to spill
+    return dict(BLOCK_M=64, BLOCK_N=32 if wide else 64, BLOCK_D=block_d, BLOCK_K=block_d, DOT_F32=False,
+                launch=dict(num_warps=8 if wide or kernel == "grad" else 4, num_stages=3, enable_fp_fusion=True))
 
 
 def _num_splits(programs: int, tiles: int, device: torch.device, splits: Optional[int]) -> int:
@@ -250,25 +288,71 @@ def _split_length(n: int, block: int, splits: int) -> Tuple[int, int]:
     return per, triton.cdiv(n, per)
 
 
-def lse(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
-        splits: Optional[int] = None) -> torch.Tensor:
-    """Row logsumexp of `scale * q @ cols.T` (float32 [M]), skipping `exclude[r]`; see the module docstring."""
+def lse_launch(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
+               splits: Optional[int] = None,
+               device_type: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, Launch]:
+    """The partials (max, sum) [splits, M] and the launch that fills them, for M, N > 0. `device_type` picks the
+    configuration (default: q's device; "cuda" with CPU tensors to compile the GPU launch anywhere)."""
     M, N = q.shape[0], cols.shape[0]
-    out = torch.full((M,), float("-inf"), dtype=torch.float32, device=q.device)
-    if M == 0 or N == 0:
-        return out
-    cfg = _config(q.dtype, q.shape[1], q.device.type)
+    cfg = _config(q.dtype, q.shape[1], device_type or q.device.type, "lse")
     row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
     n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
     per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
     part_max = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
     part_sum = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
-    _lse_partials_kernel[(row_blocks, n_splits)](
+    launch = Launch(_lse_partials_kernel, (row_blocks, n_splits), (
         q, cols, exclude if exclude is not None else q, part_max, part_sum, M, N, q.stride(0), cols.stride(0), per,
-        scale * _LOG2E, D=q.shape[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
+        scale * _LOG2E), dict(D=q.shape[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+                              BLOCK_K=cfg["BLOCK_K"], HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"],
+                              **cfg["launch"]))
+    return part_max, part_sum, launch
+
+
+def lse(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
+        splits: Optional[int] = None) -> torch.Tensor:
+    """Row logsumexp of `scale * q @ cols.T` (float32 [M]), skipping `exclude[r]`; see the module docstring."""
+    M, N = q.shape[0], cols.shape[0]
+    if M == 0 or N == 0:
+        return torch.full((M,), float("-inf"), dtype=torch.float32, device=q.device)
+    part_max, part_sum, launch = lse_launch(q, cols, exclude, scale, splits)
+    launch()
     # Deterministic combine: each split's lse in base 2 (-inf for an empty sum), then a logsumexp over splits.
     return torch.logsumexp((part_max + torch.log2(part_sum)) * _LN2, dim=0)
+
+
+def grad_launches(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], lse_: Optional[torch.Tensor],
+                  gl: Optional[torch.Tensor], pos: Optional[torch.Tensor], gs: Optional[torch.Tensor], scale: float,
+                  in_denom: bool, need_dq: bool, need_dcols: bool, splits: Optional[int] = None,
+                  device_type: Optional[str] = None) -> Dict[str, Tuple[torch.Tensor, Launch]]:
+    """{"grad_q": (partials [splits, M, D], launch), "grad_cols": (partials [splits, N, D], launch)}, each only when
+    asked for, for M, N > 0; `device_type` as in `lse_launch`."""
+    M, N, D = q.shape[0], cols.shape[0], q.shape[1]
+    cfg = _config(q.dtype, D, device_type or q.device.type, "grad")
+    flags = dict(P=pos.shape[1] if pos is not None else 1, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], HAS_EXCL=in_denom and exclude is not None,
+                 IN_DENOM=in_denom, HAS_POS=pos is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
+    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
+    args = (exclude if exclude is not None else q,
+            lse_.float().mul(_LOG2E) if in_denom else dummy,
+            gl.float().contiguous() if in_denom else dummy,
+            pos if pos is not None else q,
+            gs.float().contiguous() if pos is not None else dummy)
+    launches = {}
+    if need_dq:
+        row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
+        n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
+        per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
+        part = torch.empty((n_splits, M, D), dtype=torch.float32, device=q.device)
+        launches["grad_q"] = part, Launch(_grad_q_kernel, (row_blocks, n_splits), (
+            q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per, scale * _LOG2E, scale), flags)
+    if need_dcols:
+        col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        n_splits = _num_splits(col_blocks, triton.cdiv(M, cfg["BLOCK_M"]), q.device, splits)
+        per, n_splits = _split_length(M, cfg["BLOCK_M"], n_splits)
+        part = torch.empty((n_splits, N, D), dtype=torch.float32, device=q.device)
+        launches["grad_cols"] = part, Launch(_grad_cols_kernel, (col_blocks, n_splits), (
+            q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per, scale * _LOG2E, scale), flags)
+    return launches
 
 
 def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], lse_: Optional[torch.Tensor],
@@ -281,32 +365,12 @@ def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], 
     dcols = torch.zeros((N, D), dtype=torch.float32, device=q.device) if need_dcols else None
     if M == 0 or N == 0 or not (need_dq or need_dcols):
         return dq, dcols
-    cfg = _config(q.dtype, q.shape[1], q.device.type)
-    flags = dict(P=pos.shape[1] if pos is not None else 1, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_D=cfg["BLOCK_D"], HAS_EXCL=in_denom and exclude is not None, IN_DENOM=in_denom,
-                 HAS_POS=pos is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
-    dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-    args = (exclude if exclude is not None else q,
-            lse_.float().mul(_LOG2E) if in_denom else dummy,
-            gl.float().contiguous() if in_denom else dummy,
-            pos if pos is not None else q,
-            gs.float().contiguous() if pos is not None else dummy)
-    if need_dq:
-        row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-        n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
-        per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
-        part = torch.empty((n_splits, M, D), dtype=torch.float32, device=q.device)
-        _grad_q_kernel[(row_blocks, n_splits)](q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per,
-                                               scale * _LOG2E, scale, **flags)
-        torch.sum(part, dim=0, out=dq)
-    if need_dcols:
-        col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-        n_splits = _num_splits(col_blocks, triton.cdiv(M, cfg["BLOCK_M"]), q.device, splits)
-        per, n_splits = _split_length(M, cfg["BLOCK_M"], n_splits)
-        part = torch.empty((n_splits, N, D), dtype=torch.float32, device=q.device)
-        _grad_cols_kernel[(col_blocks, n_splits)](q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per,
-                                                  scale * _LOG2E, scale, **flags)
-        torch.sum(part, dim=0, out=dcols)
+    launches = grad_launches(q, cols, exclude, lse_, gl, pos, gs, scale, in_denom, need_dq, need_dcols, splits)
+    for name, out in (("grad_q", dq), ("grad_cols", dcols)):
+        if name in launches:
+            part, launch = launches[name]
+            launch()
+            torch.sum(part, dim=0, out=out)  # fixed-order sum of the splits' partials
     return dq, dcols
 
 
@@ -314,38 +378,26 @@ def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], 
 # ahead-of-time compilation for a GPU target (no GPU needed): lets a CPU-only CI check the GPU code path
 # ---------------------------------------------------------------------------------------------------------------
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+def example_launches(dtype: torch.dtype, d: int, *, exclude: bool = False, in_denom: bool = True, p: int = 0,
+                     need_dcols: bool = False, m: int = 96, n: int = 256) -> Dict[str, Launch]:
+    """The GPU launches of one soft_infonce call, built by `lse_launch` / `grad_launches` on CPU tensors: "lse" and
+    "grad_q" always, "grad_cols" with `need_dcols`. `exclude`: in-batch rows skip a column; `in_denom`: the columns
+    are in the denominator (False: MoCo keys reached only through their positives); `p` positives per row (0: none).
+    Sizes matter only through Triton's value specializations (M, N and strides divisible by 16, as in training)."""
+    q, cols = torch.zeros((m, d), dtype=dtype), torch.zeros((n, d), dtype=dtype)
+    excl = torch.zeros((m,), dtype=torch.int64) if exclude else None
+    pos = torch.zeros((m, p), dtype=torch.int64) if p else None
+    gs = torch.zeros((m, p)) if p else None
+    row = torch.zeros((m,))
+    _, _, launch = lse_launch(q, cols, excl, 5.0, splits=4, device_type="cuda")
+    grads_ = grad_launches(q, cols, excl, row if in_denom else None, row if in_denom else None, pos, gs, 5.0,
+                           in_denom, True, need_dcols, splits=4, device_type="cuda")
+    return {"lse": launch, **{name: launch for name, (_, launch) in grads_.items()}}
 
 
-def compile_for_gpu(dtype: torch.dtype, d: int, arch: int = 90, p: int = 2) -> dict:
-    """Compile the three kernels with the launchers' GPU configuration for CUDA sm_`arch`; returns their
-    shared-memory bytes. Raises if Triton cannot compile them. Needs kernels defined outside the interpreter."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def compile_for_gpu(dtype: torch.dtype, d: int, arch: int = 90, **variant) -> dict:
+    """Compile `example_launches(dtype, d, **variant)` for CUDA sm_`arch` without a GPU: {name: CompiledKernel}.
+    Raises if Triton cannot compile them. Needs kernels defined outside the interpreter."""
     if INTERPRETED:
         raise RuntimeError("compile_for_gpu needs kernels defined without TRITON_INTERPRET=1")
-    cfg = _config(dtype, d, "cuda")
-    t = _TRITON_DTYPES[dtype]
-    blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D")}
-    common = {"Q": f"*{t}", "C": f"*{t}", "EXCL": "*i64"}
-    sizes = {"M": "i32", "N": "i32", "stride_q": "i32", "stride_c": "i32"}
-    flags = dict(D=d, **blocks, HAS_EXCL=True, DOT_F32=cfg["DOT_F32"])
-    grad_flags = dict(flags, P=p, IN_DENOM=True, HAS_POS=True)
-    grad_ptrs = {"LSE2": "*fp32", "GL": "*fp32", "POS": "*i64", "GS": "*fp32"}
-    kernels = {
-        "lse": (_lse_partials_kernel, {**common, "PART_MAX": "*fp32", "PART_SUM": "*fp32", **sizes,
-                                       "cols_per_split": "i32", "scale_log2": "fp32"}, flags),
-        "grad_q": (_grad_q_kernel, {**common, **grad_ptrs, "PART_DQ": "*fp32", **sizes, "cols_per_split": "i32",
-                                    "scale_log2": "fp32", "scale": "fp32"}, grad_flags),
-        "grad_cols": (_grad_cols_kernel, {**common, **grad_ptrs, "PART_DC": "*fp32", **sizes,
-                                          "rows_per_split": "i32", "scale_log2": "fp32", "scale": "fp32"},
-                      grad_flags),
-    }
-    shared = {}
-    for name, (fn, signature, constexprs) in kernels.items():
-        signature = {**signature, **{k: "constexpr" for k in constexprs}}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options=cfg["launch"])
-        shared[name] = compiled.metadata.shared
-    return shared
+    return {name: aot.compile_launch(launch, arch) for name, launch in example_launches(dtype, d, **variant).items()}

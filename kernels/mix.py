@@ -24,29 +24,36 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from kernels import aot
+from kernels.aot import Launch
+from kernels.layout import out_format, per_image_dense
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024
-MAX_REDRAWS = 1000  # block_mask.h: kMaxRedraws
-BLOCK_ATTEMPTS = 10
+# Globals read inside @triton.jit functions must be tl.constexpr: a GPU compile refuses any
+# other global (the interpreter does not check). Wrapping changes no value.
+MAX_REDRAWS = tl.constexpr(1000)  # block_mask.h: kMaxRedraws
+BLOCK_ATTEMPTS = tl.constexpr(10)
 
 # float32 constants of the block generator (exact hex floats, as in block_mask.h / fp32.h)
-LOG_ASPECT_LO = float.fromhex("-0x1.34379p+0")
-LOG_ASPECT_SPAN = float.fromhex("0x1.34379p+1")
-EXP_C11 = float.fromhex("0x1.ae6456p-26")
-EXP_C10 = float.fromhex("0x1.27e4fcp-22")
-EXP_C9 = float.fromhex("0x1.71de3ap-19")
-EXP_C8 = float.fromhex("0x1.a01a02p-16")
-EXP_C7 = float.fromhex("0x1.a01a02p-13")
-EXP_C6 = float.fromhex("0x1.6c16c2p-10")
-EXP_C5 = float.fromhex("0x1.111112p-7")
-EXP_C4 = float.fromhex("0x1.555556p-5")
-EXP_C3 = float.fromhex("0x1.555556p-3")
+LOG_ASPECT_LO = tl.constexpr(float.fromhex("-0x1.34379p+0"))
+LOG_ASPECT_SPAN = tl.constexpr(float.fromhex("0x1.34379p+1"))
+EXP_C11 = tl.constexpr(float.fromhex("0x1.ae6456p-26"))
+EXP_C10 = tl.constexpr(float.fromhex("0x1.27e4fcp-22"))
+EXP_C9 = tl.constexpr(float.fromhex("0x1.71de3ap-19"))
+EXP_C8 = tl.constexpr(float.fromhex("0x1.a01a02p-16"))
+EXP_C7 = tl.constexpr(float.fromhex("0x1.a01a02p-13"))
+EXP_C6 = tl.constexpr(float.fromhex("0x1.6c16c2p-10"))
+EXP_C5 = tl.constexpr(float.fromhex("0x1.111112p-7"))
+EXP_C4 = tl.constexpr(float.fromhex("0x1.555556p-5"))
+EXP_C3 = tl.constexpr(float.fromhex("0x1.555556p-3"))
 
 DT_F32, DT_BF16, DT_F16 = 0, 1, 2
 _DT = {torch.float32: DT_F32, torch.bfloat16: DT_BF16, torch.float16: DT_F16}
@@ -489,16 +496,21 @@ def _programs(items: int, device: torch.device) -> int:
     return max(1, min(items, 3))  # interpreter: a few programs, so the per-program logic is exercised
 
 
+# Warps per program on a GPU. With Triton's default of 4, a [BLOCK] chunk is 8 elements a thread and the mask
+# generator of make_masks_and_mix spills registers on sm_80 (at GP = 64 on sm_90 too); 8 warps halve that and no
+# variant spills (tests/ops/test_triton_aot.py). Every reduction in these kernels is over integers, so the
+# warp count changes no bit of the results.
+NUM_WARPS = 8
+
+
 def _launch_opts(device: torch.device) -> dict:
-    return {} if INTERPRET else {"enable_fp_fusion": False}
+    return {} if INTERPRET else {"enable_fp_fusion": False, "num_warps": NUM_WARPS}
 
 
 def _layout(x: torch.Tensor):
     """(format, channels_last, dense view of x, batch stride) as the native path does."""
-    from mixfast.ops.mix import _out_format, _per_image_dense  # noqa: PLC0415 - avoid an import cycle
-
-    fmt = _out_format(x)
-    xx, bs = _per_image_dense(x, fmt)
+    fmt = out_format(x)
+    xx, bs = per_image_dense(x, fmt)
     return fmt, fmt == torch.channels_last, xx, bs
 
 
@@ -506,28 +518,45 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_BITS_VIEW[t.dtype])
 
 
+def _i32(key: int) -> int:
+    """A uint32 mask key as the int32 of the same bits (the kernels bitcast it back, _u32).
+    Triton types an integer argument by its value (i32 below 2^31, else i64), so passing
+    keys as they are would compile a kernel per key range; as int32 every seed and step
+    launches the same compiled kernel."""
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
 def philox(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     """Philox4x32-10 words of int64 counters [n, 4] (values < 2^32) under key (k0, k1):
     int64 [n, 4]. For the tests: the kernels' Philox against the reference's."""
     n = counters.shape[0]
     out = torch.empty_like(counters)
-    _philox_kernel[(1,)](counters.contiguous(), out, n, k0, k1, BLOCK_N=triton.next_power_of_2(max(n, 1)),
-                         **_launch_opts(counters.device))
+    _philox_kernel[(1,)](counters.contiguous(), out, n, _i32(k0), _i32(k1),
+                         BLOCK_N=triton.next_power_of_2(max(n, 1)), **_launch_opts(counters.device))
     return out
+
+
+# Each op is split in two: *_launch allocates the outputs and describes the kernel launch
+# (an aot.Launch), the op runs it. compile_for_gpu compiles the very launches the ops make.
+
+
+def make_masks_launch(spec, out: torch.Tensor) -> Launch:
+    n = out.shape[0]
+    return Launch(_make_masks_kernel, (n,),
+                  (out, _i32(spec.key0), _i32(spec.key1), spec.grid, spec.kind, spec.num, spec.min_patches,
+                   spec.threshold24),
+                  dict(GP=_gp(spec.grid), **_launch_opts(out.device)))
 
 
 def make_masks(spec, n: int, device) -> torch.Tensor:
     """uint8 [n, g, g] masks drawn from ``spec`` (mixfast.ops.reference.MaskSpec)."""
-    device = torch.device(device)
-    out = torch.empty((n, spec.grid, spec.grid), dtype=torch.uint8, device=device)
-    _make_masks_kernel[(n,)](out, spec.key0, spec.key1, spec.grid, spec.kind, spec.num, spec.min_patches,
-                             spec.threshold24, GP=_gp(spec.grid), **_launch_opts(device))
+    out = torch.empty((n, spec.grid, spec.grid), dtype=torch.uint8, device=torch.device(device))
+    make_masks_launch(spec, out)()
     return out
 
 
-def mix(x, *, masks, spec, n_masks: int, grid: int, perm, filler, want_switch: bool, perm_is_flip: bool):
-    """MixMask with given ``masks`` (bool [n, g, g]) or masks drawn from ``spec`` in the same
-    launch. Returns (mixed, switch or empty, lam, masks uint8 [n, g, g])."""
+def mix_launch(x, *, masks, spec, n_masks: int, grid: int, perm, filler, want_switch: bool, perm_is_flip: bool):
+    """Outputs (mixed, switch or empty, lam, masks uint8 [n, g, g]) and the launch of :func:`mix`."""
     B, C, H, W = x.shape
     fmt, cl, xx, xbs = _layout(x)
     mixed = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
@@ -540,22 +569,29 @@ def mix(x, *, masks, spec, n_masks: int, grid: int, perm, filler, want_switch: b
     units = (B + 1) // 2 if pair else B
     chunks = triton.cdiv(C * H * W, BLOCK)
     if filler is not None:
-        from mixfast.ops.mix import _per_image_dense  # noqa: PLC0415
-
-        ff, fbs = _per_image_dense(filler, fmt)  # the filler in x's layout
+        ff, fbs = per_image_dense(filler, fmt)  # the filler in x's layout
     else:
         ff, fbs = xx, xbs
     s = spec
     perm_arg = perm.contiguous() if perm is not None else lam  # unused when pairing or with a filler
-    _mix_kernel[(_programs(units * chunks, x.device),)](
+    launch = Launch(_mix_kernel, (_programs(units * chunks, x.device),), (
         _bits(xx), _bits(ff), perm_arg, _bits(mixed), _bits(switch) if want_switch else _bits(mixed), mbuf, lam,
         B, C, H, W, xbs, fbs, units, chunks, grid, _scale(grid, H), _scale(grid, W),
-        s.key0 if s else 0, s.key1 if s else 0, s.kind if s else 0, s.num if s else 1, s.min_patches if s else 1,
-        s.threshold24 if s else 1,
+        _i32(s.key0) if s else 0, _i32(s.key1) if s else 0, s.kind if s else 0, s.num if s else 1,
+        s.min_patches if s else 1, s.threshold24 if s else 1), dict(
         PAIR=pair, HAS_FILLER=filler is not None, WANT_SWITCH=want_switch, GENERATE=generate,
         PER_SAMPLE=n_masks > 1, CHANNELS_LAST=cl, GP=_gp(grid), BLOCK_E=BLOCK, BLOCK_HW=64,
-        **_launch_opts(x.device))
-    return mixed, switch, lam, mbuf
+        **_launch_opts(x.device)))
+    return (mixed, switch, lam, mbuf), launch
+
+
+def mix(x, *, masks, spec, n_masks: int, grid: int, perm, filler, want_switch: bool, perm_is_flip: bool):
+    """MixMask with given ``masks`` (bool [n, g, g]) or masks drawn from ``spec`` in the same
+    launch. Returns (mixed, switch or empty, lam, masks uint8 [n, g, g])."""
+    outs, launch = mix_launch(x, masks=masks, spec=spec, n_masks=n_masks, grid=grid, perm=perm, filler=filler,
+                              want_switch=want_switch, perm_is_flip=perm_is_flip)
+    launch()
+    return outs
 
 
 def _dt_view(t: torch.Tensor) -> torch.Tensor:
@@ -563,19 +599,28 @@ def _dt_view(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float16 else _bits(t)
 
 
-def unmix(x, *, lam: float, use_mixup: bool, box):
+def unmix_launch(x, *, lam: float, use_mixup: bool, box):
+    """Output and launch of :func:`unmix`."""
     B, C, H, W = x.shape
     fmt, cl, xx, xbs = _layout(x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     chunks = triton.cdiv(C * H * W, BLOCK)
     y1, y2, x1, x2 = box
-    _unmix_kernel[(_programs(((B + 1) // 2) * chunks, x.device),)](
+    launch = Launch(_unmix_kernel, (_programs(((B + 1) // 2) * chunks, x.device),), (
         _dt_view(xx), _dt_view(out), B, C, H, W, xbs, chunks, float(np.float32(lam)), float(np.float32(1.0 - lam)),
-        y1, y2, x1, x2, MIXUP=use_mixup, DT=_DT[x.dtype], CHANNELS_LAST=cl, BLOCK_E=BLOCK, **_launch_opts(x.device))
+        y1, y2, x1, x2), dict(MIXUP=use_mixup, DT=_DT[x.dtype], CHANNELS_LAST=cl, BLOCK_E=BLOCK,
+                              **_launch_opts(x.device)))
+    return out, launch
+
+
+def unmix(x, *, lam: float, use_mixup: bool, box):
+    out, launch = unmix_launch(x, lam=lam, use_mixup=use_mixup, box=box)
+    launch()
     return out
 
 
-def mix_and_unmix(x, *, masks, perm, want_switch: bool, lam: float, use_mixup: bool, box):
+def mix_and_unmix_launch(x, *, masks, perm, want_switch: bool, lam: float, use_mixup: bool, box):
+    """Outputs (mixed, switch or empty, lam of the masks, Un-Mix output) and launch of :func:`mix_and_unmix`."""
     B, C, H, W = x.shape
     n, g = masks.shape[0], masks.shape[1]
     fmt, cl, xx, xbs = _layout(x)
@@ -586,10 +631,67 @@ def mix_and_unmix(x, *, masks, perm, want_switch: bool, lam: float, use_mixup: b
     mbuf = masks.to(x.device).contiguous().view(torch.uint8)
     chunks = triton.cdiv(C * H * W, BLOCK)
     y1, y2, x1, x2 = box
-    _mix_unmix_kernel[(_programs(((B + 1) // 2) * chunks, x.device),)](
+    launch = Launch(_mix_unmix_kernel, (_programs(((B + 1) // 2) * chunks, x.device),), (
         _dt_view(xx), perm.contiguous(), _bits(mixed), _bits(switch) if want_switch else _bits(mixed), _dt_view(um),
         mbuf, lam_m, B, C, H, W, xbs, chunks, g, _scale(g, H), _scale(g, W),
-        float(np.float32(lam)), float(np.float32(1.0 - lam)), y1, y2, x1, x2,
+        float(np.float32(lam)), float(np.float32(1.0 - lam)), y1, y2, x1, x2), dict(
         WANT_SWITCH=want_switch, PER_SAMPLE=n > 1, MIXUP=use_mixup, DT=_DT[x.dtype], CHANNELS_LAST=cl, GP=_gp(g),
-        BLOCK_E=BLOCK, BLOCK_HW=64, **_launch_opts(x.device))
-    return mixed, switch, lam_m, um
+        BLOCK_E=BLOCK, BLOCK_HW=64, **_launch_opts(x.device)))
+    return (mixed, switch, lam_m, um), launch
+
+
+def mix_and_unmix(x, *, masks, perm, want_switch: bool, lam: float, use_mixup: bool, box):
+    outs, launch = mix_and_unmix_launch(x, masks=masks, perm=perm, want_switch=want_switch, lam=lam,
+                                        use_mixup=use_mixup, box=box)
+    launch()
+    return outs
+
+
+# ---------------------------------------------------------------------------------------
+# ahead-of-time compilation for a GPU target (no GPU needed)
+# ---------------------------------------------------------------------------------------
+
+OPS = ("make_masks", "mix", "make_masks_and_mix", "unmix", "mix_and_unmix")
+
+
+def example_launch(op: str, *, dtype=torch.float32, channels_last=False, grid=8, per_sample=False, want_switch=False,
+                   filler=False, flip=False, use_mixup=False) -> Launch:
+    """The launch ``op`` makes, built by its *_launch function on a small batch of CPU tensors
+    with the options the ops (mixfast/ops/mix.py) pass: ``filler`` (``mix`` only: an erase
+    baseline, no switch), ``flip`` (``make_masks_and_mix`` with perm=None), ``use_mixup``
+    (Un-Mix). Only dtypes, pointer alignment and the constexprs reach a compile, not sizes."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    B, C, H, W = 3, 3, 8, 8
+    x = torch.zeros((B, C, H, W), dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    n = B if per_sample else 1
+    masks = torch.zeros((n, grid, grid), dtype=torch.bool)
+    perm = torch.arange(B - 1, -1, -1)
+    # a MaskSpec (mixfast.ops.reference) of a block mask, keys >= 2^31 included
+    spec = types.SimpleNamespace(grid=grid, kind=0, num=max(1, grid * grid // 2), min_patches=1, threshold24=1 << 23,
+                                 key0=0x9E3779B9, key1=0x7F4A7C15)
+    box = (0, H // 2, 0, W // 2)
+    if op == "make_masks":
+        return make_masks_launch(spec, torch.empty((n, grid, grid), dtype=torch.uint8))
+    if op == "mix":
+        return mix_launch(x, masks=masks, spec=None, n_masks=n, grid=grid, perm=None if filler else perm,
+                          filler=torch.zeros_like(x) if filler else None, want_switch=want_switch and not filler,
+                          perm_is_flip=False)[1]
+    if op == "make_masks_and_mix":
+        return mix_launch(x, masks=None, spec=spec, n_masks=n, grid=grid, perm=perm, filler=None,
+                          want_switch=want_switch, perm_is_flip=flip)[1]
+    if op == "unmix":
+        return unmix_launch(x, lam=0.3, use_mixup=use_mixup, box=box)[1]
+    return mix_and_unmix_launch(x, masks=masks, perm=perm, want_switch=want_switch, lam=0.3, use_mixup=use_mixup,
+                                box=box)[1]
+
+
+def compile_for_gpu(op: str, arch: int = 90, **variant):
+    """Compile the kernel ``op`` launches (:func:`example_launch` ``variant``) for CUDA
+    sm_``arch``, without a GPU; returns Triton's CompiledKernel. Raises if Triton cannot
+    compile it. Needs kernels defined outside the interpreter."""
+    if INTERPRET:
+        raise RuntimeError("compile_for_gpu needs kernels defined without TRITON_INTERPRET=1")
+    return aot.compile_launch(example_launch(op, **variant), arch)

@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from kernels.layout import out_format as _out_format, per_image_dense as _per_image_dense
 from mixfast.ops import _backend, _native
 from mixfast.ops import reference as ref
 from mixfast.ops.reference import rand_bbox, upsample_masks
@@ -187,11 +188,6 @@ def _i64(v: int) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def _out_format(x: Tensor) -> torch.memory_format:
-    """Outputs are channels_last iff x is channels_last-contiguous (and not NCHW-contiguous)."""
-    return ref._memory_format(x)
-
-
 def _empty_out(x: Tensor, fmt: torch.memory_format) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
@@ -202,19 +198,6 @@ def _native_out(x: Tensor, fmt: torch.memory_format) -> Tensor:
     if x.device.type == "cpu":
         return _native.output_cache.empty(x.shape, x.dtype, fmt)
     return _empty_out(x, fmt)
-
-
-def _per_image_dense(t: Tensor, fmt: torch.memory_format) -> Tuple[Tensor, int]:
-    """``t`` (or a dense copy) whose images are each dense in ``fmt``, and its batch stride."""
-    B, C, H, W = t.shape
-    if fmt == torch.channels_last:
-        if t.is_contiguous(memory_format=torch.channels_last):
-            return t, C * H * W
-        t = t.contiguous(memory_format=torch.channels_last)
-        return t, C * H * W
-    if B > 0 and t[0].is_contiguous() and t.stride(0) >= C * H * W:
-        return t, (t.stride(0) if B > 1 else C * H * W)
-    return t.contiguous(), C * H * W
 
 
 # ---------------------------------------------------------------------------------------

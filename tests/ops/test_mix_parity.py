@@ -175,6 +175,27 @@ def test_make_masks_bit_identical(use_backend, backend, kind, per_sample):
             assert torch.equal(got, want), (backend, kind, grid, seed, ratio)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["block", "discrete"])
+def test_mask_keys_on_both_sides_of_2_31(use_backend, backend, kind):
+    """Philox keys are uint32; the Triton kernels take them as the int32 of the same bits (one compiled kernel for
+    every seed), so keys >= 2^31 must draw and mix the reference's masks exactly like small ones."""
+    device = use_backend(backend)
+    pairs = [(seed, step) for seed in range(64) for step in (0, 1)]
+    high = next(p for p in pairs if min(ref.mask_key(*p)) >= 2**31)
+    low = next(p for p in pairs if max(ref.mask_key(*p)) < 2**31)
+    B, g = 4, 4
+    x = _randn((B, 2, 10, 10), seed=3, device=device)
+    flip = torch.arange(B - 1, -1, -1, device=device)
+    for seed, step in (high, low):
+        want_masks = ref.make_masks(B, g, 0.5, kind, seed=seed, step=step)
+        assert torch.equal(ops.make_masks(B, g, 0.5, kind, seed=seed, step=step), want_masks), (seed, step)
+        mixed, _, lam, masks = ops.make_masks_and_mix(x, grid=g, ratio=0.5, kind=kind, per_sample=True, seed=seed,
+                                                      step=step)
+        want = ref.mix(x, want_masks, flip)
+        assert torch.equal(masks.cpu(), want_masks) and torch.equal(mixed, want[0]) and torch.equal(lam, want[2])
+
+
 def test_make_masks_native_statistics():
     """The C++ generator on many masks: same spec statistics as the reference (SPEC §1)."""
     _native.require_native("test")
