@@ -224,17 +224,11 @@ def _per_image_dense(t: Tensor, fmt: torch.memory_format) -> Tuple[Tensor, int]:
 
 def _native_mask_source(C, op, n: int, grid: int, masks: Optional[Tensor], spec, device) -> Tuple[object, Optional[Tensor], Optional[Tensor]]:
     """``_C.MaskSource`` for given masks (bool -> uint8 on ``device``) or for a spec to draw."""
-    src = C.MaskSource()
-    src.n, src.grid = n, grid
-    keep, out = None, None
     if masks is not None:
         keep = to_device(masks, device).contiguous().view(torch.uint8)
-        src.given = keep.data_ptr()
-    else:
-        src.spec = _native.mask_spec(spec)
-        out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
-        src.out = out.data_ptr()
-    return src, keep, out
+        return C.MaskSource(n=n, grid=grid, given=keep.data_ptr()), keep, None
+    out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
+    return C.MaskSource(n=n, grid=grid, spec=_native.mask_spec(spec), out=out.data_ptr()), None, out
 
 
 def _native_mix_args(C, op: str, x: Tensor, perm: Optional[Tensor], filler: Optional[Tensor], want_switch: bool,
@@ -242,27 +236,23 @@ def _native_mix_args(C, op: str, x: Tensor, perm: Optional[Tensor], filler: Opti
     """Fill ``_C.MixArgs``; returns (args, outputs, tensors to keep alive)."""
     fmt = _out_format(x)
     xx, xbs = _per_image_dense(x, fmt)
-    a = C.MixArgs()
-    a.geo = _native.geometry(op, xx, fmt == torch.channels_last)
-    a.x, a.x_batch_stride = xx.data_ptr(), xbs
     keep = [xx]
+    pp = ff = None
+    fbs = 0
     if perm is not None:
         pp = perm.contiguous()
         keep.append(pp)
-        a.perm = pp.data_ptr()
     if filler is not None:
         ff, fbs = _per_image_dense(filler, fmt)
         keep.append(ff)
-        a.filler, a.filler_batch_stride = ff.data_ptr(), fbs
-    a.perm_is_flip = perm_is_flip
-    a.masks = src
     mixed = _native_out(x, fmt)
     switch = _native_out(x, fmt) if want_switch else x.new_empty((0,))
     lam = torch.empty((n,), dtype=torch.float32, device=x.device)
-    a.mixed, a.lam = mixed.data_ptr(), lam.data_ptr()
-    if want_switch:
-        a.switch_out = switch.data_ptr()
-    a.num_threads = _native.num_threads()
+    a = C.MixArgs(geo=_native.geometry(op, xx, fmt == torch.channels_last), x=xx.data_ptr(), x_batch_stride=xbs,
+                  perm=pp.data_ptr() if pp is not None else 0, filler=ff.data_ptr() if ff is not None else 0,
+                  filler_batch_stride=fbs, perm_is_flip=perm_is_flip, masks=src, mixed=mixed.data_ptr(),
+                  switch_out=switch.data_ptr() if want_switch else 0, lam=lam.data_ptr(),
+                  num_threads=_native.num_threads())
     return a, (mixed, switch, lam), keep
 
 
@@ -277,15 +267,12 @@ def _run_native(C, fn: str, device: torch.device, *args) -> None:
 def _native_unmix_args(C, op: str, x: Tensor, lam: float, use_mixup: bool, box) -> Tuple[object, Tensor, list]:
     fmt = _out_format(x)
     xx, xbs = _per_image_dense(x, fmt)
-    u = C.UnmixArgs()
-    u.geo = _native.geometry(op, xx, fmt == torch.channels_last)
-    u.x, u.x_batch_stride = xx.data_ptr(), xbs
-    u.mixup = use_mixup
-    u.lam, u.mu = lam, 1.0 - lam  # float32(lam), float32(1 - lam): the reference's scalars
-    u.y1, u.y2, u.x1, u.x2 = box
     out = _native_out(x, fmt)
-    u.out = out.data_ptr()
-    u.num_threads = _native.num_threads()
+    y1, y2, x1, x2 = box
+    # lam, mu: float32(lam), float32(1 - lam), the reference's scalars
+    u = C.UnmixArgs(geo=_native.geometry(op, xx, fmt == torch.channels_last), x=xx.data_ptr(), x_batch_stride=xbs,
+                    mixup=use_mixup, lam=lam, mu=1.0 - lam, y1=y1, y2=y2, x1=x1, x2=x2, out=out.data_ptr(),
+                    num_threads=_native.num_threads())
     return u, out, [xx]
 
 
