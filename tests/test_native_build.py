@@ -6,6 +6,7 @@ report). Calling a CUDA entry point without a GPU raises a Python error, never c
 import os
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,24 @@ def test_mix_and_unmix_reads_the_mix_input_for_both_halves():
     C.mix_and_unmix_cpu(a)
     assert torch.equal(mixed, ref.mix(x, masks, perm)[0])
     assert torch.equal(x_um, ref.unmix(x, 0.25, True)[0])
+
+
+NVCC = _nvcc()
+CUDA_SOURCES = sorted(p.name for p in (REPO / "csrc" / "cuda").glob("*.cu"))
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
+@pytest.mark.parametrize("source", CUDA_SOURCES)
+def test_cuda_source_compiles_for_sm80_and_sm90_without_warnings(source, tmp_path):
+    """The CUDA sources cannot run here, but each must compile for A100 (sm_80) and H100 (sm_90), with the build's
+    flags and the host compiler's -Wall, without a warning."""
+    cmd = [NVCC, "-std=c++17", "-O3", "-Xcompiler=-ffp-contract=off", "-Xcompiler=-Wall", "-c",
+           str(REPO / "csrc" / "cuda" / source), "-I", str(REPO / "csrc" / "include"),
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           "-o", str(tmp_path / "out.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")

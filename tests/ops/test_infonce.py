@@ -12,10 +12,7 @@ tolerance; bf16 / fp16 at most 2x the error of eager PyTorch computing the same 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +23,6 @@ from mixfast.ops import _native, infonce, infonce_chunked, reference
 from mixfast.ops._backend import BackendUnavailable
 from mixfast.ops.infonce import soft_infonce
 
-REPO = Path(__file__).resolve().parents[2]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -626,17 +622,3 @@ def test_triton_gpu_kernels_compile_ahead_of_time(dtype, d, arch):
     shared = triton_infonce.compile_for_gpu(dtype, d, arch)
     assert set(shared) == {"lse", "grad_q", "grad_cols"}
     assert all(0 < v <= 160 * 1024 for v in shared.values()), shared  # fits an A100's shared memory
-
-
-NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if Path("/usr/local/bin/nvcc").exists() else None)
-
-
-@pytest.mark.skipif(NVCC is None, reason="no nvcc on this machine")
-def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
-    """The CUDA sources cannot run here, but they must compile for A100 (sm_80) and H100 (sm_90) without warnings."""
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", str(REPO / "csrc/cuda/infonce.cu"), "-I", str(REPO / "csrc/include"),
-           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-           "-o", str(tmp_path / "infonce.o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "warning" not in proc.stderr.lower(), proc.stderr[-4000:]
