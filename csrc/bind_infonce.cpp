@@ -74,22 +74,24 @@ void lse_partials(const Problem& p, uintptr_t part_max, uintptr_t part_sum, int 
               splits, per_split);
 }
 
-void grad_q_partials(const Problem& p, const GradTerms& g, uintptr_t out, int splits, int64_t per_split) {
-  const char* op = "infonce_grad_q_partials";
-  check_problem(op, p);
-  check_grad_terms(op, g);
-  check_splits(op, p.n, p.d, splits, per_split);
-  MIXFAST_CHECK_NOT_NULL(op, out);
-  launch_cuda(op, MIXFAST_CUDA_LAUNCHER(infonce::grad_q_partials), p, g, ptr<float>(out), splits, per_split);
-}
+using GradLauncher = void (*)(const Problem&, const GradTerms&, float*, int, int64_t);
 
-void grad_cols_partials(const Problem& p, const GradTerms& g, uintptr_t out, int splits, int64_t per_split) {
-  const char* op = "infonce_grad_cols_partials";
-  check_problem(op, p);
-  check_grad_terms(op, g);
-  check_splits(op, p.m, p.d, splits, per_split);
-  MIXFAST_CHECK_NOT_NULL(op, out);
-  launch_cuda(op, MIXFAST_CUDA_LAUNCHER(infonce::grad_cols_partials), p, g, ptr<float>(out), splits, per_split);
+// The two gradient entry points differ only in their launcher and in what they split: dq splits the n columns,
+// dcols the m rows.
+void def_grad_partials(py::module_& m, const char* name, GradLauncher launcher, int64_t Problem::*split,
+                       const char* doc) {
+  m.def(
+      name,
+      [op = std::string(name), launcher, split](const Problem& p, const GradTerms& g, uintptr_t out, int splits,
+                                                int64_t per_split) {
+        check_problem(op.c_str(), p);
+        check_grad_terms(op.c_str(), g);
+        check_splits(op.c_str(), p.*split, p.d, splits, per_split);
+        MIXFAST_CHECK_NOT_NULL(op.c_str(), out);
+        launch_cuda(op.c_str(), launcher, p, g, ptr<float>(out), splits, per_split);
+      },
+      py::arg("problem"), py::arg("grad"), py::arg("out"), py::arg("splits"), py::arg("per_split"),
+      py::call_guard<py::gil_scoped_release>(), doc);
 }
 
 }  // namespace
@@ -119,8 +121,8 @@ void bind_infonce(py::module_& m) {
   m.def("infonce_lse_partials", &lse_partials, py::arg("problem"), py::arg("part_max"), py::arg("part_sum"),
         py::arg("splits"), py::arg("per_split"), nogil,
         "Online-logsumexp partials [splits, m] (max in natural-log units, sum) over column splits.");
-  m.def("infonce_grad_q_partials", &grad_q_partials, py::arg("problem"), py::arg("grad"), py::arg("out"),
-        py::arg("splits"), py::arg("per_split"), nogil, "dq partials [splits, m, d] over column splits.");
-  m.def("infonce_grad_cols_partials", &grad_cols_partials, py::arg("problem"), py::arg("grad"), py::arg("out"),
-        py::arg("splits"), py::arg("per_split"), nogil, "dcols partials [splits, n, d] over row splits.");
+  def_grad_partials(m, "infonce_grad_q_partials", MIXFAST_CUDA_LAUNCHER(infonce::grad_q_partials), &Problem::n,
+                    "dq partials [splits, m, d] over column splits.");
+  def_grad_partials(m, "infonce_grad_cols_partials", MIXFAST_CUDA_LAUNCHER(infonce::grad_cols_partials),
+                    &Problem::m, "dcols partials [splits, n, d] over row splits.");
 }
