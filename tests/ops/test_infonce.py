@@ -572,7 +572,8 @@ def test_native_binding_checks_every_argument_before_it_launches():
                     (dict(m=0), "m and n"), (dict(n=0), "m and n"), (dict(dtype=3), "dtype code"),
                     (dict(q_stride=100), "row strides"), (dict(cols_stride=100), "row strides"),
                     (dict(q=0), "q must be non-null"), (dict(cols=0), "cols must be non-null"),
-                    (dict(scale=float("nan")), "scale"), (dict(scale=0.0), "scale"), (dict(scale=float("inf")), "scale")]
+                    (dict(scale=float("nan")), "scale"), (dict(scale=0.0), "scale"),
+                    (dict(scale=float("inf")), "scale")]
     for change, message in bad_problems:  # every entry point checks the problem
         with pytest.raises(ValueError, match="infonce_lse_partials: .*" + message):
             lse(change)
