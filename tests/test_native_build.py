@@ -161,6 +161,44 @@ def test_argument_structs_take_every_field_as_a_keyword():
         C.MixArgs(x=-1)  # an address is never negative
 
 
+# The order of each struct's constructor arguments. The ops build these structs positionally on every call (a
+# keyword call costs several times as much), so a change here means changing their call sites too.
+FIELD_ORDERS = {
+    "MaskSpec": ("grid", "kind", "num", "min_patches", "threshold24", "key0", "key1"),
+    "ImageGeometry": ("N", "C", "H", "W", "dtype", "channels_last"),
+    "MaskSource": ("given", "out", "n", "grid", "spec"),
+    "MixArgs": ("geo", "x", "x_batch_stride", "perm", "filler", "filler_batch_stride", "perm_is_flip", "masks",
+                "mixed", "switch_out", "lam", "num_threads"),
+    "UnmixArgs": ("geo", "x", "x_batch_stride", "mixup", "lam", "mu", "y1", "y2", "x1", "x2", "out", "num_threads"),
+    "MixUnmixArgs": ("mix", "unmix"),
+    "InfoNCEProblem": ("q", "q_stride", "cols", "cols_stride", "exclude", "m", "n", "d", "scale", "dtype", "stream"),
+    "InfoNCEGradTerms": ("lse", "gl", "pos", "gs", "p", "in_denom"),
+}
+
+
+def test_struct_constructors_take_the_fields_in_the_order_the_ops_pass_them():
+    C = _native.require_native("test")
+
+    def distinct(default, i):  # a value unlike the default and unlike every other field's
+        if isinstance(default, bool):
+            return not default
+        if isinstance(default, int):
+            return 100 + i
+        if isinstance(default, float):
+            return 0.25 + i
+        return type(default)()  # a nested struct
+
+    for name, fields in FIELD_ORDERS.items():
+        cls = getattr(C, name)
+        assert cls._fields == fields, f"{name}: the ops build it positionally, update their call sites too"
+        defaults = cls()
+        values = [distinct(getattr(defaults, f), i) for i, f in enumerate(fields)]
+        built = cls(*values)
+        for f, v in zip(fields, values):
+            if isinstance(v, (bool, int, float)):
+                assert getattr(built, f) == v, f"{name}.{f}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fake addresses: only safe where no CUDA kernel can launch")
 def test_cuda_entry_points_check_every_argument_then_require_a_gpu():
     """Every CUDA entry point runs the API layer's checks first (ValueError naming the entry point and the

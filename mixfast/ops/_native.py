@@ -126,10 +126,13 @@ def _geometry(shape: torch.Size, dtype: torch.dtype, channels_last: bool):
 
 
 def mask_spec(spec) -> object:
-    """``_C.MaskSpec`` from a :class:`mixfast.ops.reference.MaskSpec`."""
-    return require_native("mask_spec").MaskSpec(grid=spec.grid, kind=spec.kind, num=spec.num,
-                                                min_patches=spec.min_patches, threshold24=spec.threshold24,
-                                                key0=spec.key0, key1=spec.key1)
+    """``_C.MaskSpec`` from a :class:`mixfast.ops.reference.MaskSpec`.
+
+    The argument structs built on every op call are built positionally, in their ``_fields``
+    order: pybind11 looks each parameter name up per call, so keywords cost several times as
+    much (tests/test_native_build.py pins the orders)."""
+    return require_native("mask_spec").MaskSpec(spec.grid, spec.kind, spec.num, spec.min_patches, spec.threshold24,
+                                                spec.key0, spec.key1)
 
 
 class CpuOutputCache:

@@ -120,11 +120,12 @@ class _NativeCuda:
         return per, -(-n // per)
 
     def _problem(self, q, cols, exclude, scale):
-        """``_C.InfoNCEProblem``: built once per call, every launch of the call takes it."""
-        return self.lib.InfoNCEProblem(
-            q=q.data_ptr(), q_stride=q.stride(0), cols=cols.data_ptr(), cols_stride=cols.stride(0),
-            exclude=exclude.data_ptr() if exclude is not None else 0, m=q.shape[0], n=cols.shape[0], d=q.shape[1],
-            scale=scale, dtype=self._DTYPE_CODES[q.dtype], stream=torch.cuda.current_stream(q.device).cuda_stream)
+        """``_C.InfoNCEProblem``, built once per call for all its launches; positionally, in its ``_fields`` order
+        (a keyword call costs several times as much)."""
+        return self.lib.InfoNCEProblem(q.data_ptr(), q.stride(0), cols.data_ptr(), cols.stride(0),
+                                       exclude.data_ptr() if exclude is not None else 0, q.shape[0], cols.shape[0],
+                                       q.shape[1], scale, self._DTYPE_CODES[q.dtype],
+                                       torch.cuda.current_stream(q.device).cuda_stream)
 
     def lse(self, q, cols, exclude, scale):
         M, N = q.shape[0], cols.shape[0]
@@ -149,10 +150,10 @@ class _NativeCuda:
         lse_ = lse_.float().contiguous() if in_denom else None
         gl = gl.float().contiguous() if in_denom else None
         gs = gs.float().contiguous() if pos is not None else None
-        grad = self.lib.InfoNCEGradTerms(lse=lse_.data_ptr() if in_denom else 0, gl=gl.data_ptr() if in_denom else 0,
-                                         pos=pos.data_ptr() if pos is not None else 0,
-                                         gs=gs.data_ptr() if pos is not None else 0,
-                                         p=pos.shape[1] if pos is not None else 0, in_denom=in_denom)
+        grad = self.lib.InfoNCEGradTerms(lse_.data_ptr() if in_denom else 0, gl.data_ptr() if in_denom else 0,
+                                         pos.data_ptr() if pos is not None else 0,
+                                         gs.data_ptr() if pos is not None else 0,
+                                         pos.shape[1] if pos is not None else 0, in_denom)  # in _fields order
         problem = self._problem(q, cols, exclude if in_denom else None, scale)
         with torch.cuda.device(q.device):
             if need_dq:

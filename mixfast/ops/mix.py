@@ -224,11 +224,12 @@ def _per_image_dense(t: Tensor, fmt: torch.memory_format) -> Tuple[Tensor, int]:
 
 def _native_mask_source(C, op, n: int, grid: int, masks: Optional[Tensor], spec, device) -> Tuple[object, Optional[Tensor], Optional[Tensor]]:
     """``_C.MaskSource`` for given masks (bool -> uint8 on ``device``) or for a spec to draw."""
+    # The structs are built positionally, in their _fields order (see _native.mask_spec).
     if masks is not None:
         keep = to_device(masks, device).contiguous().view(torch.uint8)
-        return C.MaskSource(n=n, grid=grid, given=keep.data_ptr()), keep, None
+        return C.MaskSource(keep.data_ptr(), 0, n, grid), keep, None  # given, out, n, grid
     out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
-    return C.MaskSource(n=n, grid=grid, spec=_native.mask_spec(spec), out=out.data_ptr()), None, out
+    return C.MaskSource(0, out.data_ptr(), n, grid, _native.mask_spec(spec)), None, out
 
 
 def _native_mix_args(C, op: str, x: Tensor, perm: Optional[Tensor], filler: Optional[Tensor], want_switch: bool,
@@ -248,11 +249,10 @@ def _native_mix_args(C, op: str, x: Tensor, perm: Optional[Tensor], filler: Opti
     mixed = _native_out(x, fmt)
     switch = _native_out(x, fmt) if want_switch else x.new_empty((0,))
     lam = torch.empty((n,), dtype=torch.float32, device=x.device)
-    a = C.MixArgs(geo=_native.geometry(op, xx, fmt == torch.channels_last), x=xx.data_ptr(), x_batch_stride=xbs,
-                  perm=pp.data_ptr() if pp is not None else 0, filler=ff.data_ptr() if ff is not None else 0,
-                  filler_batch_stride=fbs, perm_is_flip=perm_is_flip, masks=src, mixed=mixed.data_ptr(),
-                  switch_out=switch.data_ptr() if want_switch else 0, lam=lam.data_ptr(),
-                  num_threads=_native.num_threads())
+    a = C.MixArgs(_native.geometry(op, xx, fmt == torch.channels_last), xx.data_ptr(), xbs,
+                  pp.data_ptr() if pp is not None else 0, ff.data_ptr() if ff is not None else 0, fbs, perm_is_flip,
+                  src, mixed.data_ptr(), switch.data_ptr() if want_switch else 0, lam.data_ptr(),
+                  _native.num_threads())  # in MixArgs._fields order (see _native.mask_spec)
     return a, (mixed, switch, lam), keep
 
 
@@ -269,10 +269,10 @@ def _native_unmix_args(C, op: str, x: Tensor, lam: float, use_mixup: bool, box) 
     xx, xbs = _per_image_dense(x, fmt)
     out = _native_out(x, fmt)
     y1, y2, x1, x2 = box
-    # lam, mu: float32(lam), float32(1 - lam), the reference's scalars
-    u = C.UnmixArgs(geo=_native.geometry(op, xx, fmt == torch.channels_last), x=xx.data_ptr(), x_batch_stride=xbs,
-                    mixup=use_mixup, lam=lam, mu=1.0 - lam, y1=y1, y2=y2, x1=x1, x2=x2, out=out.data_ptr(),
-                    num_threads=_native.num_threads())
+    # In UnmixArgs._fields order (see _native.mask_spec); lam and mu become float32(lam) and
+    # float32(1 - lam), the reference's scalars.
+    u = C.UnmixArgs(_native.geometry(op, xx, fmt == torch.channels_last), xx.data_ptr(), xbs, use_mixup, lam,
+                    1.0 - lam, y1, y2, x1, x2, out.data_ptr(), _native.num_threads())
     return u, out, [xx]
 
 

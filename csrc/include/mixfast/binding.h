@@ -1,10 +1,10 @@
 // The shape every binding (csrc/bind_*.cpp) shares; included by the bindings only.
 //
 // Python fills each argument struct with one constructor call per op call (bind_struct:
-// every field is a keyword, pointers are integer addresses from Tensor.data_ptr()) and
-// passes it to the entry points. An entry point checks all its arguments (ValueError,
-// mixfast/check.h) and only then, on CUDA, requires a device (launch_cuda: RuntimeError),
-// so every check can be tested on a machine without a GPU, and launches.
+// pointers are integer addresses from Tensor.data_ptr()) and passes it to the entry
+// points. An entry point checks all its arguments (ValueError, mixfast/check.h) and only
+// then, on CUDA, requires a device (launch_cuda: RuntimeError), so every check can be
+// tested on a machine without a GPU, and launches.
 #pragma once
 
 #include <pybind11/pybind11.h>
@@ -58,9 +58,11 @@ void def_attribute(py::class_<C>& cls, const Field<C, M>& f) {
     cls.def_readwrite(f.name, f.member);  // struct fields by reference: `args.geo.N = 2` edits args
 }
 
-// Binds struct C as a Python class: a constructor that takes every field as a keyword
-// (default: the field's value in C{}), so Python fills a struct in one call, and a
-// read-write attribute per field.
+// Binds struct C as a Python class: a constructor that takes the fields in the order given
+// here, by position or keyword (default: the field's value in C{}), so Python fills a
+// struct in one call; a read-write attribute per field; and `_fields`, the names in
+// constructor order. Calls on every op use positions: pybind11 looks each parameter name
+// up per call, which makes a keyword call several times as costly.
 template <typename C, typename... M>
 py::class_<C> bind_struct(py::module_& m, const char* name, const char* doc, Field<C, M>... fields) {
   py::class_<C> cls(m, name, doc);
@@ -72,6 +74,7 @@ py::class_<C> bind_struct(py::module_& m, const char* name, const char* doc, Fie
           }),
           (py::arg(fields.name) = fields.get(defaults))...);
   (def_attribute(cls, fields), ...);
+  cls.attr("_fields") = py::make_tuple(fields.name...);
   return cls;
 }
 
