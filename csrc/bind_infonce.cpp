@@ -43,7 +43,8 @@ void check_problem(const char* op, const Problem& p) {
 void check_grad_terms(const char* op, const GradTerms& g) {
   MIXFAST_CHECK(!g.in_denom || (g.lse != nullptr && g.gl != nullptr), op, "lse and gl must be non-null when in_denom");
   MIXFAST_CHECK((g.pos == nullptr) == (g.gs == nullptr), op, "pos and gs must be given together");
-  MIXFAST_CHECK(g.pos == nullptr || g.p >= 1, op, "p must be >= 1 when positives are given, got " + std::to_string(g.p));
+  MIXFAST_CHECK(g.pos == nullptr || g.p >= 1, op,
+                "p must be >= 1 when positives are given, got " + std::to_string(g.p));
 }
 
 // A split of `extent` rows or columns into `splits` pieces of `per_split` (a multiple of the block size): every

@@ -29,7 +29,9 @@ void def_cpu_and_cuda(py::module_& m, const std::string& name, void (*cpu)(const
       doc);
   m.def(
       on_cuda.c_str(),
-      [cuda, op = on_cuda](const Args& a, uintptr_t stream) { launch_cuda(op.c_str(), cuda, checked(op.c_str(), a), stream); },
+      [cuda, op = on_cuda](const Args& a, uintptr_t stream) {
+        launch_cuda(op.c_str(), cuda, checked(op.c_str(), a), stream);
+      },
       py::arg("args"), py::arg("stream"), nogil, doc);
 }
 
@@ -48,7 +50,7 @@ void make_masks_cuda(const MaskSpec& spec, int n, uintptr_t out, uintptr_t strea
 }  // namespace
 
 void bind_mix(py::module_& m) {
-  bind_struct<MaskSpec>(m, "MaskSpec", "Mask generator parameters (mixfast/block_mask.h); built by mixfast.ops.reference.mask_spec",
+  bind_struct<MaskSpec>(m, "MaskSpec", "Mask generator parameters (mixfast/block_mask.h), from reference.mask_spec",
                         MIXFAST_FIELD(MaskSpec, grid), MIXFAST_FIELD(MaskSpec, kind), MIXFAST_FIELD(MaskSpec, num),
                         MIXFAST_FIELD(MaskSpec, min_patches), MIXFAST_FIELD(MaskSpec, threshold24),
                         MIXFAST_FIELD(MaskSpec, key0), MIXFAST_FIELD(MaskSpec, key1));
