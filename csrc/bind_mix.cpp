@@ -1,165 +1,95 @@
-// pybind11 binding of the mix ops (`bind_mix`, called from bindings.cpp).
-//
-// Python fills the argument structs with raw pointers (tensor.data_ptr()), sizes, strides
-// and dtype codes (mixfast/ops/_native.py), the API layer (check_* in mixfast/mix_api.h)
-// checks them, then the CPU or CUDA kernels run. CUDA entry points first call
-// require_cuda(), so without a GPU they raise RuntimeError instead of crashing.
+// pybind11 binding of the mix ops (`bind_mix`, called from bindings.cpp), in the shape of
+// mixfast/binding.h: Python builds the argument structs (mixfast/ops/mix.py, _native_*)
+// with one constructor call each, the API layer (checked() in mixfast/mix_api.h) checks
+// them, then the CPU kernels run, or the CUDA ones once a device is known to be there.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
+#include "mixfast/binding.h"
 #include "mixfast/mix_api.h"
-#include "mixfast/runtime.h"
 
 namespace py = pybind11;
 using namespace mixfast;
+using binding::bind_struct;
+using binding::launch_cuda;
 
 namespace {
 
-// Expose a pointer member as a Python int (an address from Tensor.data_ptr()).
-template <typename Class, typename Ptr>
-void pointer_property(py::class_<Class>& cls, const char* name, Ptr Class::*member) {
-  cls.def_property(
-      name, [member](const Class& c) { return reinterpret_cast<uintptr_t>(c.*member); },
-      [member](Class& c, uintptr_t address) {
-        c.*member = reinterpret_cast<Ptr>(address);  // NOLINT: addresses come from torch tensors
-      });
+// `<name>_cpu(args)` and `<name>_cuda(args, stream)`, where `stream` is
+// torch.cuda.current_stream().cuda_stream.
+template <typename Args>
+void def_cpu_and_cuda(py::module_& m, const std::string& name, void (*cpu)(const Args&),
+                      void (*cuda)(const Args&, uintptr_t), const char* doc) {
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  const std::string on_cpu = name + "_cpu", on_cuda = name + "_cuda";
+  m.def(
+      on_cpu.c_str(), [cpu, op = on_cpu](const Args& a) { cpu(checked(op.c_str(), a)); }, py::arg("args"), nogil,
+      doc);
+  m.def(
+      on_cuda.c_str(),
+      [cuda, op = on_cuda](const Args& a, uintptr_t stream) {
+        launch_cuda(op.c_str(), cuda, checked(op.c_str(), a), stream);
+      },
+      py::arg("args"), py::arg("stream"), nogil, doc);
 }
 
-void check_make_masks(const MaskSpec& spec, int n) {
-  check_spec(spec);
-  if (n < 1) fail("make_masks: n must be >= 1, got " + std::to_string(n));
+void make_masks_cpu(const MaskSpec& spec, int n, uintptr_t out, int num_threads) {
+  const auto masks = reinterpret_cast<uint8_t*>(out);  // NOLINT: addresses come from torch tensors
+  check_make_masks("make_masks_cpu", spec, n, masks);
+  cpu::make_masks(spec, n, masks, num_threads < 1 ? 1 : num_threads);
+}
+
+void make_masks_cuda(const MaskSpec& spec, int n, uintptr_t out, uintptr_t stream) {
+  const auto masks = reinterpret_cast<uint8_t*>(out);  // NOLINT: addresses come from torch tensors
+  check_make_masks("make_masks_cuda", spec, n, masks);
+  launch_cuda("make_masks_cuda", MIXFAST_CUDA_LAUNCHER(cuda::make_masks), spec, n, masks, stream);
 }
 
 }  // namespace
 
 void bind_mix(py::module_& m) {
-  py::class_<MaskSpec>(m, "MaskSpec", "Mask generator parameters (mixfast/block_mask.h); built by mixfast.ops.reference.mask_spec")
-      .def(py::init<>())
-      .def_readwrite("grid", &MaskSpec::grid)
-      .def_readwrite("kind", &MaskSpec::kind)
-      .def_readwrite("num", &MaskSpec::num)
-      .def_readwrite("min_patches", &MaskSpec::min_patches)
-      .def_readwrite("threshold24", &MaskSpec::threshold24)
-      .def_readwrite("key0", &MaskSpec::key0)
-      .def_readwrite("key1", &MaskSpec::key1);
+  bind_struct<MaskSpec>(m, "MaskSpec", "Mask generator parameters (mixfast/block_mask.h), from reference.mask_spec",
+                        MIXFAST_FIELD(MaskSpec, grid), MIXFAST_FIELD(MaskSpec, kind), MIXFAST_FIELD(MaskSpec, num),
+                        MIXFAST_FIELD(MaskSpec, min_patches), MIXFAST_FIELD(MaskSpec, threshold24),
+                        MIXFAST_FIELD(MaskSpec, key0), MIXFAST_FIELD(MaskSpec, key1));
+  bind_struct<ImageGeometry>(m, "ImageGeometry", "[N, C, H, W], dtype code, NCHW or NHWC",
+                             MIXFAST_FIELD(ImageGeometry, N), MIXFAST_FIELD(ImageGeometry, C),
+                             MIXFAST_FIELD(ImageGeometry, H), MIXFAST_FIELD(ImageGeometry, W),
+                             MIXFAST_FIELD(ImageGeometry, dtype), MIXFAST_FIELD(ImageGeometry, channels_last));
+  bind_struct<MaskSource>(m, "MaskSource", "Given masks (uint8 [n, g, g]) or a spec to generate them into out",
+                          MIXFAST_FIELD(MaskSource, given), MIXFAST_FIELD(MaskSource, out),
+                          MIXFAST_FIELD(MaskSource, n), MIXFAST_FIELD(MaskSource, grid),
+                          MIXFAST_FIELD(MaskSource, spec));
+  bind_struct<MixArgs>(m, "MixArgs", "Arguments of mix_cpu / mix_cuda (see mixfast/mix_api.h)",
+                       MIXFAST_FIELD(MixArgs, geo), MIXFAST_FIELD(MixArgs, x), MIXFAST_FIELD(MixArgs, x_batch_stride),
+                       MIXFAST_FIELD(MixArgs, perm), MIXFAST_FIELD(MixArgs, filler),
+                       MIXFAST_FIELD(MixArgs, filler_batch_stride), MIXFAST_FIELD(MixArgs, perm_is_flip),
+                       MIXFAST_FIELD(MixArgs, masks), MIXFAST_FIELD(MixArgs, mixed),
+                       MIXFAST_FIELD(MixArgs, switch_out), MIXFAST_FIELD(MixArgs, lam),
+                       MIXFAST_FIELD(MixArgs, num_threads));
+  bind_struct<UnmixArgs>(m, "UnmixArgs", "Arguments of unmix_cpu / unmix_cuda (see mixfast/mix_api.h)",
+                         MIXFAST_FIELD(UnmixArgs, geo), MIXFAST_FIELD(UnmixArgs, x),
+                         MIXFAST_FIELD(UnmixArgs, x_batch_stride), MIXFAST_FIELD(UnmixArgs, mixup),
+                         MIXFAST_FIELD(UnmixArgs, lam), MIXFAST_FIELD(UnmixArgs, mu), MIXFAST_FIELD(UnmixArgs, y1),
+                         MIXFAST_FIELD(UnmixArgs, y2), MIXFAST_FIELD(UnmixArgs, x1), MIXFAST_FIELD(UnmixArgs, x2),
+                         MIXFAST_FIELD(UnmixArgs, out), MIXFAST_FIELD(UnmixArgs, num_threads));
+  bind_struct<MixUnmixArgs>(m, "MixUnmixArgs", "MixMask (mix) and Un-Mix (unmix) from one pass over x",
+                            MIXFAST_FIELD(MixUnmixArgs, mix), MIXFAST_FIELD(MixUnmixArgs, unmix));
 
-  py::class_<ImageGeometry>(m, "ImageGeometry", "[N, C, H, W], dtype code, NCHW or NHWC")
-      .def(py::init<>())
-      .def_readwrite("N", &ImageGeometry::N)
-      .def_readwrite("C", &ImageGeometry::C)
-      .def_readwrite("H", &ImageGeometry::H)
-      .def_readwrite("W", &ImageGeometry::W)
-      .def_readwrite("dtype", &ImageGeometry::dtype)
-      .def_readwrite("channels_last", &ImageGeometry::channels_last);
-
-  py::class_<MaskSource> masks(m, "MaskSource", "Given masks (uint8 [n, g, g]) or a spec to generate them");
-  masks.def(py::init<>())
-      .def_readwrite("n", &MaskSource::n)
-      .def_readwrite("grid", &MaskSource::grid)
-      .def_readwrite("spec", &MaskSource::spec);
-  pointer_property(masks, "given", &MaskSource::given);
-  pointer_property(masks, "out", &MaskSource::out);
-
-  py::class_<MixArgs> mix(m, "MixArgs", "Arguments of mix_cpu / mix_cuda (see mixfast/mix_api.h)");
-  mix.def(py::init<>())
-      .def_readwrite("geo", &MixArgs::geo)
-      .def_readwrite("x_batch_stride", &MixArgs::x_batch_stride)
-      .def_readwrite("filler_batch_stride", &MixArgs::filler_batch_stride)
-      .def_readwrite("perm_is_flip", &MixArgs::perm_is_flip)
-      .def_readwrite("masks", &MixArgs::masks)
-      .def_readwrite("num_threads", &MixArgs::num_threads);
-  pointer_property(mix, "x", &MixArgs::x);
-  pointer_property(mix, "perm", &MixArgs::perm);
-  pointer_property(mix, "filler", &MixArgs::filler);
-  pointer_property(mix, "mixed", &MixArgs::mixed);
-  pointer_property(mix, "switch_out", &MixArgs::switch_out);
-  pointer_property(mix, "lam", &MixArgs::lam);
-
-  py::class_<UnmixArgs> unmix(m, "UnmixArgs", "Arguments of unmix_cpu / unmix_cuda (see mixfast/mix_api.h)");
-  unmix.def(py::init<>())
-      .def_readwrite("geo", &UnmixArgs::geo)
-      .def_readwrite("x_batch_stride", &UnmixArgs::x_batch_stride)
-      .def_readwrite("mixup", &UnmixArgs::mixup)
-      .def_readwrite("lam", &UnmixArgs::lam)
-      .def_readwrite("mu", &UnmixArgs::mu)
-      .def_readwrite("y1", &UnmixArgs::y1)
-      .def_readwrite("y2", &UnmixArgs::y2)
-      .def_readwrite("x1", &UnmixArgs::x1)
-      .def_readwrite("x2", &UnmixArgs::x2)
-      .def_readwrite("num_threads", &UnmixArgs::num_threads);
-  pointer_property(unmix, "x", &UnmixArgs::x);
-  pointer_property(unmix, "out", &UnmixArgs::out);
-
-  py::class_<MixUnmixArgs>(m, "MixUnmixArgs", "MixMask (mix) and Un-Mix (unmix) from one pass over x")
-      .def(py::init<>())
-      .def_readwrite("mix", &MixUnmixArgs::mix)
-      .def_readwrite("unmix", &MixUnmixArgs::unmix);
+  def_cpu_and_cuda<MixArgs>(m, "mix", &cpu::mix, MIXFAST_CUDA_LAUNCHER(cuda::mix),
+                            "MixMask: mixed and switch images and lam per mask.");
+  def_cpu_and_cuda<UnmixArgs>(m, "unmix", &cpu::unmix, MIXFAST_CUDA_LAUNCHER(cuda::unmix),
+                              "Un-Mix with the flip partner: mixup or CutMix box.");
+  def_cpu_and_cuda<MixUnmixArgs>(m, "mix_and_unmix", &cpu::mix_and_unmix, MIXFAST_CUDA_LAUNCHER(cuda::mix_and_unmix),
+                                 "mix and unmix of one batch from one pass over it.");
 
   const auto nogil = py::call_guard<py::gil_scoped_release>();
-
-  // --- CPU ------------------------------------------------------------------------------
-  m.def(
-      "make_masks_cpu",
-      [](const MaskSpec& spec, int n, uintptr_t out, int num_threads) {
-        check_make_masks(spec, n);
-        if (out == 0) fail("make_masks: out must be non-null");
-        cpu::make_masks(spec, n, reinterpret_cast<uint8_t*>(out), num_threads < 1 ? 1 : num_threads);
-      },
-      py::arg("spec"), py::arg("n"), py::arg("out"), py::arg("num_threads") = 1, nogil,
-      "Write n masks (uint8 [n, g, g]) drawn from spec to the host buffer at address out.");
-  m.def(
-      "mix_cpu", [](const MixArgs& a) { check_mix(a); cpu::mix(a); }, py::arg("args"), nogil);
-  m.def(
-      "unmix_cpu", [](const UnmixArgs& a) { check_unmix(a); cpu::unmix(a); }, py::arg("args"), nogil);
-  m.def(
-      "mix_and_unmix_cpu", [](const MixUnmixArgs& a) { check_mix_unmix(a); cpu::mix_and_unmix(a); }, py::arg("args"),
-      nogil);
-
-  // --- CUDA -----------------------------------------------------------------------------
-  // `stream` is torch.cuda.current_stream().cuda_stream. The guard runs before the
-  // arguments are even looked at, so a machine without a GPU gets a RuntimeError.
-  m.def(
-      "make_masks_cuda",
-      [](const MaskSpec& spec, int n, uintptr_t out, uintptr_t stream) {
-        require_cuda("make_masks_cuda");
-        check_make_masks(spec, n);
-        if (out == 0) fail("make_masks: out must be non-null");
-#ifdef MIXFAST_WITH_CUDA
-        cuda::make_masks(spec, n, reinterpret_cast<uint8_t*>(out), stream);
-#endif
-      },
-      py::arg("spec"), py::arg("n"), py::arg("out"), py::arg("stream"), nogil);
-  m.def(
-      "mix_cuda",
-      [](const MixArgs& a, uintptr_t stream) {
-        require_cuda("mix_cuda");
-        check_mix(a);
-#ifdef MIXFAST_WITH_CUDA
-        cuda::mix(a, stream);
-#endif
-      },
-      py::arg("args"), py::arg("stream"), nogil);
-  m.def(
-      "unmix_cuda",
-      [](const UnmixArgs& a, uintptr_t stream) {
-        require_cuda("unmix_cuda");
-        check_unmix(a);
-#ifdef MIXFAST_WITH_CUDA
-        cuda::unmix(a, stream);
-#endif
-      },
-      py::arg("args"), py::arg("stream"), nogil);
-  m.def(
-      "mix_and_unmix_cuda",
-      [](const MixUnmixArgs& a, uintptr_t stream) {
-        require_cuda("mix_and_unmix_cuda");
-        check_mix_unmix(a);
-#ifdef MIXFAST_WITH_CUDA
-        cuda::mix_and_unmix(a, stream);
-#endif
-      },
-      py::arg("args"), py::arg("stream"), nogil);
+  m.def("make_masks_cpu", &make_masks_cpu, py::arg("spec"), py::arg("n"), py::arg("out"), py::arg("num_threads") = 1,
+        nogil, "Write n masks (uint8 [n, g, g]) drawn from spec to the host buffer at address out.");
+  m.def("make_masks_cuda", &make_masks_cuda, py::arg("spec"), py::arg("n"), py::arg("out"), py::arg("stream"), nogil,
+        "Write n masks (uint8 [n, g, g]) drawn from spec to the device buffer at address out.");
 
   // --- shared cores, exposed for the parity tests ----------------------------------------
   m.def(
@@ -172,7 +102,7 @@ void bind_mix(py::module_& m) {
   m.def(
       "block_candidate",
       [](const MaskSpec& spec, uint32_t sample, uint32_t draw, int rem) {
-        check_spec(spec);
+        check_spec("block_candidate", spec);
         const BlockCandidate c = block_candidate(spec, sample, draw, rem);
         return py::make_tuple(c.h, c.w, c.top, c.left, c.fits);
       },

@@ -1,6 +1,7 @@
 // CPU (OpenMP) kernels of the mix ops: mask generation, MixMask mixing with switch images
-// and λ, Un-Mix mixup/CutMix, and both together. Arguments were checked by the API layer
-// (mixfast/mix_api.h) before these run.
+// and λ, Un-Mix mixup/CutMix, and both together. Arguments were checked (and, for
+// mix_and_unmix, the Un-Mix input taken from the MixMask one) by the API layer
+// (mixfast/mix_api.h: checked()) before these run.
 //
 // Masking never does arithmetic on pixels: every masked output element is a bit-exact copy
 // of an input element, selected with an all-ones/all-zeros integer mask of the element's
@@ -464,7 +465,7 @@ struct MixUnmixOp {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
-// entry points (arguments already checked by the API layer)
+// entry points (arguments already checked by the API layer: mixfast/mix_api.h, checked())
 // ---------------------------------------------------------------------------------------
 
 void make_masks(const MaskSpec& spec, int n, uint8_t* out, int num_threads) {
@@ -481,11 +482,7 @@ void mix(const MixArgs& a) {
 
 void unmix(const UnmixArgs& a) { by_dtype<UnmixOp>(a.geo.dtype, a); }
 
-void mix_and_unmix(const MixUnmixArgs& args) {
-  MixUnmixArgs a = args;
-  a.unmix.geo = a.mix.geo;
-  a.unmix.x = a.mix.x;
-  a.unmix.x_batch_stride = a.mix.x_batch_stride;
+void mix_and_unmix(const MixUnmixArgs& a) {
   const GridMasks gm = grid_masks(a.mix.masks, a.mix.num_threads);
   const Upsample up = upsample_tables(gm.g, a.mix.geo.H, a.mix.geo.W);
   write_lambdas(gm, up, a.mix.geo.H, a.mix.geo.W, a.mix.lam);

@@ -22,11 +22,13 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
+#include <atomic>
 #include <cstddef>
-#include <stdexcept>
 #include <string>
 #include <type_traits>
 
+#include "mixfast/check.h"
+#include "mixfast/cuda_utils.h"
 #include "mixfast/infonce.h"
 
 namespace mixfast {
@@ -446,11 +448,6 @@ __global__ void __launch_bounds__(kThreads) grad_cols_kernel(Problem p, GradTerm
 // launch
 // ---------------------------------------------------------------------------------------------------------------
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("soft_infonce CUDA ") + what + ": " +
-                                                   cudaGetErrorString(err));
-}
-
 template <typename T>
 struct Type {
   using type = T;
@@ -473,16 +470,29 @@ void with_kernel_types(int dtype, int64_t d, F&& f) {
     case kFloat32: by_dim(Type<float>{}); break;
     case kBFloat16: by_dim(Type<__nv_bfloat16>{}); break;
     case kFloat16: by_dim(Type<__half>{}); break;
-    default: throw std::invalid_argument("soft_infonce CUDA: unknown dtype code " + std::to_string(dtype));
+    default: fail("soft_infonce", "unknown dtype code " + std::to_string(dtype));  // the binding checked it
   }
 }
 
-template <typename Kernel, typename... Args>
-void launch(Kernel kernel, size_t smem, dim3 grid, uintptr_t stream, Args... args) {
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-        "shared-memory opt-in");
-  kernel<<<grid, kThreads, smem, reinterpret_cast<cudaStream_t>(stream)>>>(args...);
-  check(cudaGetLastError(), "launch");
+// Kernels with more than 48 KB of dynamic shared memory must opt in with cudaFuncSetAttribute, a driver call that
+// would cost host time on every launch. The opt-in belongs to the kernel on a device and each kernel is launched
+// with one size, so it is made once per (kernel, size, device); racing threads merely repeat it.
+template <auto Kernel, size_t kSmem>
+void opt_in_shared_memory() {
+  static std::atomic<bool> done[kMaxDevices];
+  const int device = current_device();
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && done[device].load(std::memory_order_acquire)) return;
+  MIXFAST_CUDA_CHECK(
+      cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
+  if (cached) done[device].store(true, std::memory_order_release);
+}
+
+template <auto Kernel, size_t kSmem, typename... Args>
+void launch(dim3 grid, uintptr_t stream, Args... args) {
+  opt_in_shared_memory<Kernel, kSmem>();
+  Kernel<<<grid, kThreads, kSmem, as_stream(stream)>>>(args...);
+  MIXFAST_CUDA_CHECK(cudaGetLastError());
 }
 
 unsigned grid_dim(int64_t n, int block) { return static_cast<unsigned>((n + block - 1) / block); }
@@ -494,8 +504,8 @@ void lse_partials(const Problem& p, float* part_max, float* part_sum, int splits
     using T = typename decltype(type)::type;
     constexpr int DP = decltype(dim)::value;
     using C = Cfg<T, DP>;
-    launch(lse_partials_kernel<T, DP>, C::kSmem, dim3(grid_dim(p.m, C::BM), splits), p.stream, p, part_max,
-           part_sum, per_split);
+    launch<lse_partials_kernel<T, DP>, C::kSmem>(dim3(grid_dim(p.m, C::BM), splits), p.stream, p, part_max,
+                                                 part_sum, per_split);
   });
 }
 
@@ -504,7 +514,7 @@ void grad_q_partials(const Problem& p, const GradTerms& g, float* out, int split
     using T = typename decltype(type)::type;
     constexpr int DP = decltype(dim)::value;
     using C = Cfg<T, DP>;
-    launch(grad_q_kernel<T, DP>, C::kSmem, dim3(grid_dim(p.m, C::BM), splits), p.stream, p, g, out, per_split);
+    launch<grad_q_kernel<T, DP>, C::kSmem>(dim3(grid_dim(p.m, C::BM), splits), p.stream, p, g, out, per_split);
   });
 }
 
@@ -513,8 +523,8 @@ void grad_cols_partials(const Problem& p, const GradTerms& g, float* out, int sp
     using T = typename decltype(type)::type;
     constexpr int DP = decltype(dim)::value;
     using C = Cfg<T, DP>;
-    launch(grad_cols_kernel<T, DP>, C::kSmem, dim3(grid_dim(p.n, C::BN), splits), p.stream, p, g, out,
-           per_split);
+    launch<grad_cols_kernel<T, DP>, C::kSmem>(dim3(grid_dim(p.n, C::BN), splits), p.stream, p, g, out,
+                                              per_split);
   });
 }
 

@@ -17,7 +17,6 @@
 #include "mixfast/cuda_utils.h"
 #include "mixfast/dtype.h"
 #include "mixfast/mix_api.h"
-#include "mixfast/runtime.h"
 #include "mixfast/upsample.h"
 
 namespace mixfast {
@@ -406,10 +405,6 @@ void launch_mix_unmix_typed(const MixUnmixKernelArgs& k, bool vec, cudaStream_t 
 
 }  // namespace
 
-bool built() { return true; }
-
-int device_count() { return cuda_device_count(); }
-
 void make_masks(const MaskSpec& spec, int n, uint8_t* out, uintptr_t stream) {
   const int threads = 64;
   make_masks_kernel<<<(n + threads - 1) / threads, threads, 0, as_stream(stream)>>>(spec, n, out);
@@ -441,11 +436,9 @@ void unmix(const UnmixArgs& u, uintptr_t stream) {
   MIXFAST_CUDA_CHECK(cudaGetLastError());
 }
 
+// The Un-Mix half already reads mix's input (the API layer's checked()).
 void mix_and_unmix(const MixUnmixArgs& args, uintptr_t stream) {
   MixUnmixKernelArgs k{args.mix, args.unmix, make_rows(args.mix.geo, args.mix.masks.grid)};
-  k.u.geo = k.a.geo;
-  k.u.x = k.a.x;
-  k.u.x_batch_stride = k.a.x_batch_stride;
   const bool vec = can_vectorize(k.R, dtype_size(k.a.geo.dtype), {k.a.x, k.a.mixed, k.a.switch_out, k.u.out},
                                  {k.a.x_batch_stride});
   const cudaStream_t s = as_stream(stream);

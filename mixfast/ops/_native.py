@@ -107,20 +107,32 @@ def dtype_code(op: str, dtype: torch.dtype) -> int:
 
 
 def geometry(op: str, x: torch.Tensor, channels_last: bool):
-    """``_C.ImageGeometry`` of a 4-D batch laid out NCHW or NHWC (per ``channels_last``)."""
-    g = require_native(op).ImageGeometry()
-    g.N, g.C, g.H, g.W = (int(s) for s in x.shape)
-    g.dtype = dtype_code(op, x.dtype)
-    g.channels_last = bool(channels_last)
-    return g
+    """``_C.ImageGeometry`` of a 4-D batch laid out NCHW or NHWC (per ``channels_last``).
+
+    One object per (shape, dtype, layout), shared by every call: the argument structs copy it,
+    and nobody may modify it."""
+    dtype = x.dtype
+    dtype_code(op, dtype)  # an unsupported dtype raises here, naming the op
+    return _geometry(x.shape, dtype, bool(channels_last))
+
+
+@functools.lru_cache(maxsize=256)
+def _geometry(shape: torch.Size, dtype: torch.dtype, channels_last: bool):
+    # A training loop asks for the same few shapes on every step, and building the object
+    # costs several times the cache lookup.
+    N, C, H, W = shape
+    return require_native("geometry").ImageGeometry(N=N, C=C, H=H, W=W, dtype=DTYPE_CODES[dtype],
+                                                    channels_last=channels_last)
 
 
 def mask_spec(spec) -> object:
-    """``_C.MaskSpec`` from a :class:`mixfast.ops.reference.MaskSpec`."""
-    s = require_native("mask_spec").MaskSpec()
-    s.grid, s.kind, s.num, s.min_patches = spec.grid, spec.kind, spec.num, spec.min_patches
-    s.threshold24, s.key0, s.key1 = spec.threshold24, spec.key0, spec.key1
-    return s
+    """``_C.MaskSpec`` from a :class:`mixfast.ops.reference.MaskSpec`.
+
+    The argument structs built on every op call are built positionally, in their ``_fields``
+    order: pybind11 looks each parameter name up per call, so keywords cost several times as
+    much (tests/test_native_build.py pins the orders)."""
+    return require_native("mask_spec").MaskSpec(spec.grid, spec.kind, spec.num, spec.min_patches, spec.threshold24,
+                                                spec.key0, spec.key1)
 
 
 class CpuOutputCache:

@@ -119,11 +119,13 @@ class _NativeCuda:
         per = -(-tiles // splits) * block
         return per, -(-n // per)
 
-    def _problem(self, q, cols, exclude, scale) -> dict:
-        return dict(q=q.data_ptr(), q_stride=q.stride(0), cols=cols.data_ptr(), cols_stride=cols.stride(0),
-                    exclude=exclude.data_ptr() if exclude is not None else 0, m=q.shape[0], n=cols.shape[0],
-                    d=q.shape[1], scale=scale, dtype=self._DTYPE_CODES[q.dtype],
-                    stream=torch.cuda.current_stream(q.device).cuda_stream)
+    def _problem(self, q, cols, exclude, scale):
+        """``_C.InfoNCEProblem``, built once per call for all its launches; positionally, in its ``_fields`` order
+        (a keyword call costs several times as much)."""
+        return self.lib.InfoNCEProblem(q.data_ptr(), q.stride(0), cols.data_ptr(), cols.stride(0),
+                                       exclude.data_ptr() if exclude is not None else 0, q.shape[0], cols.shape[0],
+                                       q.shape[1], scale, self._DTYPE_CODES[q.dtype],
+                                       torch.cuda.current_stream(q.device).cuda_stream)
 
     def lse(self, q, cols, exclude, scale):
         M, N = q.shape[0], cols.shape[0]
@@ -134,8 +136,8 @@ class _NativeCuda:
         part_max = torch.empty((splits, M), dtype=torch.float32, device=q.device)
         part_sum = torch.empty((splits, M), dtype=torch.float32, device=q.device)
         with torch.cuda.device(q.device):
-            self.lib.infonce_lse_partials(**self._problem(q, cols, exclude, scale), part_max=part_max.data_ptr(),
-                                          part_sum=part_sum.data_ptr(), splits=splits, per_split=per)
+            self.lib.infonce_lse_partials(self._problem(q, cols, exclude, scale), part_max.data_ptr(),
+                                          part_sum.data_ptr(), splits, per)
         return torch.logsumexp(part_max + torch.log(part_sum), dim=0)  # natural-log partials, fixed-order combine
 
     def grads(self, q, cols, exclude, lse_, gl, pos, gs, scale, in_denom, need_dq, need_dcols):
@@ -148,24 +150,23 @@ class _NativeCuda:
         lse_ = lse_.float().contiguous() if in_denom else None
         gl = gl.float().contiguous() if in_denom else None
         gs = gs.float().contiguous() if pos is not None else None
-        grad = dict(lse=lse_.data_ptr() if in_denom else 0, gl=gl.data_ptr() if in_denom else 0,
-                    pos=pos.data_ptr() if pos is not None else 0, gs=gs.data_ptr() if pos is not None else 0,
-                    p=pos.shape[1] if pos is not None else 0, in_denom=in_denom)
+        grad = self.lib.InfoNCEGradTerms(lse_.data_ptr() if in_denom else 0, gl.data_ptr() if in_denom else 0,
+                                         pos.data_ptr() if pos is not None else 0,
+                                         gs.data_ptr() if pos is not None else 0,
+                                         pos.shape[1] if pos is not None else 0, in_denom)  # in _fields order
         problem = self._problem(q, cols, exclude if in_denom else None, scale)
         with torch.cuda.device(q.device):
             if need_dq:
                 per, splits = self._split_length(N, block_n, self._splits(-(-M // block_m), -(-N // block_n),
                                                                           q.device))
                 part = torch.empty((splits, M, D), dtype=torch.float32, device=q.device)
-                self.lib.infonce_grad_q_partials(**problem, **grad, out=part.data_ptr(), splits=splits,
-                                                 per_split=per)
+                self.lib.infonce_grad_q_partials(problem, grad, part.data_ptr(), splits, per)
                 torch.sum(part, dim=0, out=dq)
             if need_dcols:
                 per, splits = self._split_length(M, block_m, self._splits(-(-N // block_n), -(-M // block_m),
                                                                           q.device))
                 part = torch.empty((splits, N, D), dtype=torch.float32, device=q.device)
-                self.lib.infonce_grad_cols_partials(**problem, **grad, out=part.data_ptr(), splits=splits,
-                                                    per_split=per)
+                self.lib.infonce_grad_cols_partials(problem, grad, part.data_ptr(), splits, per)
                 torch.sum(part, dim=0, out=dcols)
         return dq, dcols
 

@@ -207,17 +207,12 @@ def _native_out(x: Tensor, fmt: torch.memory_format) -> Tensor:
 
 def _native_mask_source(C, op, n: int, grid: int, masks: Optional[Tensor], spec, device) -> Tuple[object, Optional[Tensor], Optional[Tensor]]:
     """``_C.MaskSource`` for given masks (bool -> uint8 on ``device``) or for a spec to draw."""
-    src = C.MaskSource()
-    src.n, src.grid = n, grid
-    keep, out = None, None
+    # The structs are built positionally, in their _fields order (see _native.mask_spec).
     if masks is not None:
         keep = to_device(masks, device).contiguous().view(torch.uint8)
-        src.given = keep.data_ptr()
-    else:
-        src.spec = _native.mask_spec(spec)
-        out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
-        src.out = out.data_ptr()
-    return src, keep, out
+        return C.MaskSource(keep.data_ptr(), 0, n, grid), keep, None  # given, out, n, grid
+    out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
+    return C.MaskSource(0, out.data_ptr(), n, grid, _native.mask_spec(spec)), None, out
 
 
 def _native_mix_args(C, op: str, x: Tensor, perm: Optional[Tensor], filler: Optional[Tensor], want_switch: bool,
@@ -225,27 +220,22 @@ def _native_mix_args(C, op: str, x: Tensor, perm: Optional[Tensor], filler: Opti
     """Fill ``_C.MixArgs``; returns (args, outputs, tensors to keep alive)."""
     fmt = _out_format(x)
     xx, xbs = _per_image_dense(x, fmt)
-    a = C.MixArgs()
-    a.geo = _native.geometry(op, xx, fmt == torch.channels_last)
-    a.x, a.x_batch_stride = xx.data_ptr(), xbs
     keep = [xx]
+    pp = ff = None
+    fbs = 0
     if perm is not None:
         pp = perm.contiguous()
         keep.append(pp)
-        a.perm = pp.data_ptr()
     if filler is not None:
         ff, fbs = _per_image_dense(filler, fmt)
         keep.append(ff)
-        a.filler, a.filler_batch_stride = ff.data_ptr(), fbs
-    a.perm_is_flip = perm_is_flip
-    a.masks = src
     mixed = _native_out(x, fmt)
     switch = _native_out(x, fmt) if want_switch else x.new_empty((0,))
     lam = torch.empty((n,), dtype=torch.float32, device=x.device)
-    a.mixed, a.lam = mixed.data_ptr(), lam.data_ptr()
-    if want_switch:
-        a.switch_out = switch.data_ptr()
-    a.num_threads = _native.num_threads()
+    a = C.MixArgs(_native.geometry(op, xx, fmt == torch.channels_last), xx.data_ptr(), xbs,
+                  pp.data_ptr() if pp is not None else 0, ff.data_ptr() if ff is not None else 0, fbs, perm_is_flip,
+                  src, mixed.data_ptr(), switch.data_ptr() if want_switch else 0, lam.data_ptr(),
+                  _native.num_threads())  # in MixArgs._fields order (see _native.mask_spec)
     return a, (mixed, switch, lam), keep
 
 
@@ -260,15 +250,12 @@ def _run_native(C, fn: str, device: torch.device, *args) -> None:
 def _native_unmix_args(C, op: str, x: Tensor, lam: float, use_mixup: bool, box) -> Tuple[object, Tensor, list]:
     fmt = _out_format(x)
     xx, xbs = _per_image_dense(x, fmt)
-    u = C.UnmixArgs()
-    u.geo = _native.geometry(op, xx, fmt == torch.channels_last)
-    u.x, u.x_batch_stride = xx.data_ptr(), xbs
-    u.mixup = use_mixup
-    u.lam, u.mu = lam, 1.0 - lam  # float32(lam), float32(1 - lam): the reference's scalars
-    u.y1, u.y2, u.x1, u.x2 = box
     out = _native_out(x, fmt)
-    u.out = out.data_ptr()
-    u.num_threads = _native.num_threads()
+    y1, y2, x1, x2 = box
+    # In UnmixArgs._fields order (see _native.mask_spec); lam and mu become float32(lam) and
+    # float32(1 - lam), the reference's scalars.
+    u = C.UnmixArgs(_native.geometry(op, xx, fmt == torch.channels_last), xx.data_ptr(), xbs, use_mixup, lam,
+                    1.0 - lam, y1, y2, x1, x2, out.data_ptr(), _native.num_threads())
     return u, out, [xx]
 
 

@@ -1,5 +1,6 @@
-// Helpers for the CUDA launchers (csrc/cuda/*.cu): error checks that throw (pybind11 turns
-// them into Python RuntimeError) and the device's SM count for persistent grids.
+// Helpers for the CUDA launchers (csrc/cuda/*.cu): the one CUDA error check, which throws
+// (pybind11 turns it into a Python RuntimeError), the current device, and its SM count for
+// persistent grids.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -17,11 +18,20 @@
 
 namespace mixfast {
 
-inline int current_sm_count() {
-  static int cached[64] = {0};
+// Per-device caches below hold this many devices.
+constexpr int kMaxDevices = 64;
+
+// The calling thread's device: host state only, no synchronization (fine under graph capture).
+inline int current_device() {
   int dev = 0;
   MIXFAST_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= 64) dev = 0;
+  return dev;
+}
+
+inline int current_sm_count() {
+  static int cached[kMaxDevices] = {0};
+  int dev = current_device();
+  if (dev < 0 || dev >= kMaxDevices) dev = 0;
   if (cached[dev] == 0) MIXFAST_CUDA_CHECK(cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev));
   return cached[dev];
 }

@@ -1,8 +1,8 @@
 // Argument structs and entry points of the mix ops, shared by the CPU kernels
 // (csrc/cpu/mix_cpu.cpp), the CUDA kernels (csrc/cuda/mix_cuda.cu) and the binding
-// (csrc/bind_mix.cpp). check_*() is the API layer: every argument is checked here, on the
-// host, before any kernel runs (flash-attention style); Python has already checked the
-// tensors themselves (shape, dtype, device, layout) in mixfast/ops/mix.py.
+// (csrc/bind_mix.cpp). checked() is the API layer: every argument is checked here, on the
+// host, before any kernel runs; Python has already checked the tensors themselves (shape,
+// dtype, device, layout) in mixfast/ops/mix.py.
 //
 // Image batches are [N, C, H, W] with elements of `dtype`, dense within each image in
 // NCHW or NHWC (channels_last) order; inputs may have any batch stride, outputs are dense.
@@ -10,10 +10,10 @@
 #pragma once
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 
 #include "mixfast/block_mask.h"
+#include "mixfast/check.h"
 #include "mixfast/common.h"
 
 namespace mixfast {
@@ -67,69 +67,95 @@ struct UnmixArgs {
 // MixMask (permutation perm) and Un-Mix (flip) from one pass over x.
 struct MixUnmixArgs {
   MixArgs mix;      // mix.filler must be null
-  UnmixArgs unmix;  // unmix.x / geo are taken from mix
+  UnmixArgs unmix;  // unmix.geo / x / x_batch_stride / num_threads are taken from mix (checked() below)
 };
 
-inline void fail(const std::string& what) { throw std::invalid_argument("mixfast._C: " + what); }
+// ---------------------------------------------------------------------------------------
+// API layer: `op` is the entry point named in error messages (mixfast/check.h).
+// ---------------------------------------------------------------------------------------
 
-inline void check_geometry(const ImageGeometry& g) {
-  if (g.N < 1 || g.C < 1 || g.H < 1 || g.W < 1)
-    fail("image batch must have N, C, H, W >= 1, got [" + std::to_string(g.N) + ", " + std::to_string(g.C) + ", " +
-         std::to_string(g.H) + ", " + std::to_string(g.W) + "]");
-  if (g.dtype != kFloat32 && g.dtype != kBFloat16 && g.dtype != kFloat16)
-    fail("dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16), got " + std::to_string(g.dtype));
-  if (g.H > (1 << 24) || g.W > (1 << 24)) fail("H and W must be below 2^24 (float32 pixel indices)");
+inline void check_geometry(const char* op, const ImageGeometry& g) {
+  MIXFAST_CHECK(g.N >= 1 && g.C >= 1 && g.H >= 1 && g.W >= 1, op,
+                "image batch must have N, C, H, W >= 1, got [" + std::to_string(g.N) + ", " + std::to_string(g.C) +
+                    ", " + std::to_string(g.H) + ", " + std::to_string(g.W) + "]");
+  check_dtype(op, g.dtype);
+  MIXFAST_CHECK(g.H <= (1 << 24) && g.W <= (1 << 24), op, "H and W must be below 2^24 (float32 pixel indices)");
 }
 
-inline void check_spec(const MaskSpec& s) {
-  if (s.grid < 2 || s.grid > kMaxGrid) fail("grid must be in [2, 64], got " + std::to_string(s.grid));
-  if (s.kind != kBlock && s.kind != kDiscrete) fail("mask kind must be 0 (block) or 1 (discrete)");
-  const int cells = s.grid * s.grid;
-  if (s.kind == kBlock && (s.num < 1 || s.num > cells - 1))
-    fail("block target num must be in [1, g*g-1], got " + std::to_string(s.num));
-  if (s.kind == kBlock && (s.min_patches < 1 || s.min_patches > 4))
-    fail("block min_patches must be in [1, 4], got " + std::to_string(s.min_patches));
-  if (s.kind == kDiscrete && (s.threshold24 < 1 || s.threshold24 > (1u << 24)))
-    fail("discrete threshold24 must be in [1, 2^24]");
-}
-
-inline void check_masks(const MaskSource& m, int64_t N) {
-  if (m.n != 1 && m.n != N) fail("n_masks must be 1 or N=" + std::to_string(N) + ", got " + std::to_string(m.n));
-  if (m.given == nullptr) {
-    check_spec(m.spec);
-    if (m.out == nullptr) fail("generated masks need an output buffer");
-    if (m.grid != m.spec.grid) fail("mask grid and spec grid differ");
-  } else if (m.grid < 2 || m.grid > kMaxGrid) {
-    fail("mask grid must be in [2, 64], got " + std::to_string(m.grid));
+inline void check_spec(const char* op, const MaskSpec& s) {
+  MIXFAST_CHECK_RANGE(op, s.grid, 2, kMaxGrid);
+  MIXFAST_CHECK(s.kind == kBlock || s.kind == kDiscrete, op, "mask kind must be 0 (block) or 1 (discrete)");
+  if (s.kind == kBlock) {
+    MIXFAST_CHECK_RANGE(op, s.num, 1, s.grid * s.grid - 1);
+    MIXFAST_CHECK_RANGE(op, s.min_patches, 1, 4);
+  } else {
+    MIXFAST_CHECK_RANGE(op, s.threshold24, 1, int64_t{1} << 24);
   }
 }
 
-inline void check_mix(const MixArgs& a) {
-  check_geometry(a.geo);
-  check_masks(a.masks, a.geo.N);
-  if (a.x == nullptr || a.mixed == nullptr || a.lam == nullptr) fail("mix: x, mixed and lam must be non-null");
-  if ((a.perm == nullptr) == (a.filler == nullptr)) fail("mix: exactly one of perm and filler must be given");
-  if (a.filler != nullptr && a.switch_out != nullptr) fail("mix: a filler has no switch image");
-  if (a.perm_is_flip && a.perm == nullptr) fail("mix: perm_is_flip needs perm");
-  if (a.num_threads < 1) fail("num_threads must be >= 1");
+inline void check_masks(const char* op, const MaskSource& m, int64_t N) {
+  MIXFAST_CHECK(m.n == 1 || m.n == N, op,
+                "n_masks must be 1 or N=" + std::to_string(N) + ", got " + std::to_string(m.n));
+  if (m.given == nullptr) {
+    check_spec(op, m.spec);
+    MIXFAST_CHECK(m.out != nullptr, op, "generated masks need an output buffer (out)");
+    MIXFAST_CHECK(m.grid == m.spec.grid, op, "mask grid and spec grid differ");
+  } else {
+    MIXFAST_CHECK_RANGE(op, m.grid, 2, kMaxGrid);
+  }
 }
 
-inline void check_unmix(const UnmixArgs& a) {
-  check_geometry(a.geo);
-  if (a.x == nullptr || a.out == nullptr) fail("unmix: x and out must be non-null");
-  if (!a.mixup && !(0 <= a.y1 && a.y1 <= a.y2 && a.y2 <= a.geo.H && 0 <= a.x1 && a.x1 <= a.x2 && a.x2 <= a.geo.W))
-    fail("unmix: box must satisfy 0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W");
-  if (a.num_threads < 1) fail("num_threads must be >= 1");
+inline void check_mix(const char* op, const MixArgs& a) {
+  check_geometry(op, a.geo);
+  check_masks(op, a.masks, a.geo.N);
+  MIXFAST_CHECK_NOT_NULL(op, a.x);
+  MIXFAST_CHECK_NOT_NULL(op, a.mixed);
+  MIXFAST_CHECK_NOT_NULL(op, a.lam);
+  MIXFAST_CHECK((a.perm == nullptr) != (a.filler == nullptr), op, "exactly one of perm and filler must be given");
+  MIXFAST_CHECK(a.filler == nullptr || a.switch_out == nullptr, op, "a filler has no switch image (switch_out)");
+  MIXFAST_CHECK(!a.perm_is_flip || a.perm != nullptr, op, "perm_is_flip needs perm");
+  MIXFAST_CHECK(a.num_threads >= 1, op, "num_threads must be >= 1");
 }
 
-inline void check_mix_unmix(const MixUnmixArgs& a) {
-  check_mix(a.mix);
-  if (a.mix.filler != nullptr) fail("mix_and_unmix: no filler (Un-Mix needs the images)");
-  UnmixArgs u = a.unmix;
-  u.geo = a.mix.geo;
-  u.x = a.mix.x;
-  u.num_threads = a.mix.num_threads;
-  check_unmix(u);
+inline void check_unmix(const char* op, const UnmixArgs& a) {
+  check_geometry(op, a.geo);
+  MIXFAST_CHECK_NOT_NULL(op, a.x);
+  MIXFAST_CHECK_NOT_NULL(op, a.out);
+  MIXFAST_CHECK(a.mixup || (0 <= a.y1 && a.y1 <= a.y2 && a.y2 <= a.geo.H && 0 <= a.x1 && a.x1 <= a.x2 &&
+                            a.x2 <= a.geo.W),
+                op, "box must satisfy 0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W");
+  MIXFAST_CHECK(a.num_threads >= 1, op, "num_threads must be >= 1");
+}
+
+inline void check_make_masks(const char* op, const MaskSpec& spec, int n, const uint8_t* out) {
+  check_spec(op, spec);
+  MIXFAST_CHECK(n >= 1, op, "n must be >= 1, got " + std::to_string(n));
+  MIXFAST_CHECK_NOT_NULL(op, out);
+}
+
+// What the kernels get: the arguments once checked. They run no checks of their own.
+inline const MixArgs& checked(const char* op, const MixArgs& a) {
+  check_mix(op, a);
+  return a;
+}
+
+inline const UnmixArgs& checked(const char* op, const UnmixArgs& a) {
+  check_unmix(op, a);
+  return a;
+}
+
+// Un-Mix reads the same batch as MixMask: its geometry, input, batch stride and threads are
+// taken from `mix` here, once for both backends, and the kernels rely on it.
+inline MixUnmixArgs checked(const char* op, const MixUnmixArgs& a) {
+  MixUnmixArgs c = a;
+  c.unmix.geo = a.mix.geo;
+  c.unmix.x = a.mix.x;
+  c.unmix.x_batch_stride = a.mix.x_batch_stride;
+  c.unmix.num_threads = a.mix.num_threads;
+  check_mix(op, c.mix);
+  MIXFAST_CHECK(c.mix.filler == nullptr, op, "no filler in mix_and_unmix (Un-Mix needs the images)");
+  check_unmix(op, c.unmix);
+  return c;
 }
 
 // λ of one mask: the fraction of the H x W upsampled pixels that are 1, as float32 of the
@@ -147,8 +173,6 @@ void mix_and_unmix(const MixUnmixArgs& a);
 
 namespace cuda {
 // `stream` is a cudaStream_t passed as an integer handle (torch's current stream).
-bool built();
-int device_count();  // 0 without a driver or device (never throws)
 void make_masks(const MaskSpec& spec, int n, uint8_t* out, uintptr_t stream);
 void mix(const MixArgs& a, uintptr_t stream);
 void unmix(const UnmixArgs& a, uintptr_t stream);

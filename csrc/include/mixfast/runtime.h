@@ -1,5 +1,5 @@
-// What the module was built with, and the guard every CUDA entry point calls first so that
-// using one without a GPU raises a Python error instead of crashing
+// What the module was built with, and the guard every CUDA entry point calls after checking
+// its arguments, so that using one without a GPU raises a Python error instead of crashing
 // (csrc/cpu/runtime.cpp implements these for both build flavours).
 #pragma once
 
