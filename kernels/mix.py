@@ -261,6 +261,17 @@ def _pixel_yx(e, C, H, W, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _aligned_strides(img, x_bs, ALIGNED: tl.constexpr):
+    """(img, x_bs), the same values, written as (v // 16) * 16 when ALIGNED: the host checked that
+    both are multiples of 16 elements, and this way Triton knows it too (a hint on a kernel
+    argument is not kept) and moves image data in vectors."""
+    if ALIGNED:
+        img = (img // 16) * 16
+        x_bs = (x_bs // 16) * 16
+    return img, x_bs
+
+
+@triton.jit
 def _cta_range(total):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -354,9 +365,10 @@ def _mix_kernel(x, fill, perm, mixed, switch, mbuf, lam_ptr,
                 k0, k1, kind, num, min_patches, threshold24,
                 PAIR: tl.constexpr, HAS_FILLER: tl.constexpr, WANT_SWITCH: tl.constexpr,
                 GENERATE: tl.constexpr, PER_SAMPLE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                GP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_HW: tl.constexpr):
+                GP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGNED: tl.constexpr):
     """MixMask over items (unit, chunk). Data is moved as integer bits (exact selection)."""
-    img = C * H * W
+    img, x_bs = _aligned_strides(C * H * W, x_bs, ALIGNED)
+    f_bs = _aligned_strides(f_bs, f_bs, ALIGNED)[0]
     begin, end = _cta_range(units * chunks)
     k0 = _u32(k0)
     k1 = _u32(k1)
@@ -424,8 +436,9 @@ def _unmix_pair(x, out, i, j, e, inb, img, x_bs, C, H, W, lam, mu, y1, y2, x1, x
 
 @triton.jit(do_not_specialize=["N", "C", "H", "W", "x_bs", "chunks", "y1", "y2", "x1", "x2"])
 def _unmix_kernel(x, out, N, C, H, W, x_bs, chunks, lam, mu, y1, y2, x1, x2,
-                  MIXUP: tl.constexpr, DT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_E: tl.constexpr):
-    img = C * H * W
+                  MIXUP: tl.constexpr, DT: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_E: tl.constexpr,
+                  ALIGNED: tl.constexpr):
+    img, x_bs = _aligned_strides(C * H * W, x_bs, ALIGNED)
     begin, end = _cta_range(((N + 1) // 2) * chunks)
     for item in range(begin, end):
         i = item // chunks
@@ -441,9 +454,10 @@ def _unmix_kernel(x, out, N, C, H, W, x_bs, chunks, lam, mu, y1, y2, x1, x2,
 def _mix_unmix_kernel(x, perm, mixed, switch, um, mbuf, lam_ptr,
                       N, C, H, W, x_bs, chunks, g, sy, sx, lam, mu, y1, y2, x1, x2,
                       WANT_SWITCH: tl.constexpr, PER_SAMPLE: tl.constexpr, MIXUP: tl.constexpr, DT: tl.constexpr,
-                      CHANNELS_LAST: tl.constexpr, GP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_HW: tl.constexpr):
+                      CHANNELS_LAST: tl.constexpr, GP: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_HW: tl.constexpr,
+                      ALIGNED: tl.constexpr):
     """MixMask (perm, given masks) + Un-Mix (flip) over flip pairs: x_i, x_j read once."""
-    img = C * H * W
+    img, x_bs = _aligned_strides(C * H * W, x_bs, ALIGNED)
     begin, end = _cta_range(((N + 1) // 2) * chunks)
     for item in range(begin, end):
         i = item // chunks
@@ -501,6 +515,13 @@ def _programs(items: int, device: torch.device) -> int:
 # variant spills (tests/ops/test_triton_aot.py). Every reduction in these kernels is over integers, so the
 # warp count changes no bit of the results.
 NUM_WARPS = 8
+
+
+def _aligned(*strides: int) -> bool:
+    """Every image (and batch stride) a multiple of 16 elements: the kernels may then assume it,
+    which lets Triton move image data in vectors. The sizes themselves are not specialized (one
+    compiled kernel per flag value, not per shape)."""
+    return all(s % 16 == 0 for s in strides)
 
 
 def _launch_opts(device: torch.device) -> dict:
@@ -581,7 +602,7 @@ def mix_launch(x, *, masks, spec, n_masks: int, grid: int, perm, filler, want_sw
         s.min_patches if s else 1, s.threshold24 if s else 1), dict(
         PAIR=pair, HAS_FILLER=filler is not None, WANT_SWITCH=want_switch, GENERATE=generate,
         PER_SAMPLE=n_masks > 1, CHANNELS_LAST=cl, GP=_gp(grid), BLOCK_E=BLOCK, BLOCK_HW=64,
-        **_launch_opts(x.device)))
+        ALIGNED=_aligned(C * H * W, xbs, fbs), **_launch_opts(x.device)))
     return (mixed, switch, lam, mbuf), launch
 
 
@@ -609,7 +630,7 @@ def unmix_launch(x, *, lam: float, use_mixup: bool, box):
     launch = Launch(_unmix_kernel, (_programs(((B + 1) // 2) * chunks, x.device),), (
         _dt_view(xx), _dt_view(out), B, C, H, W, xbs, chunks, float(np.float32(lam)), float(np.float32(1.0 - lam)),
         y1, y2, x1, x2), dict(MIXUP=use_mixup, DT=_DT[x.dtype], CHANNELS_LAST=cl, BLOCK_E=BLOCK,
-                              **_launch_opts(x.device)))
+                              ALIGNED=_aligned(C * H * W, xbs), **_launch_opts(x.device)))
     return out, launch
 
 
@@ -636,7 +657,7 @@ def mix_and_unmix_launch(x, *, masks, perm, want_switch: bool, lam: float, use_m
         mbuf, lam_m, B, C, H, W, xbs, chunks, g, _scale(g, H), _scale(g, W),
         float(np.float32(lam)), float(np.float32(1.0 - lam)), y1, y2, x1, x2), dict(
         WANT_SWITCH=want_switch, PER_SAMPLE=n > 1, MIXUP=use_mixup, DT=_DT[x.dtype], CHANNELS_LAST=cl, GP=_gp(g),
-        BLOCK_E=BLOCK, BLOCK_HW=64, **_launch_opts(x.device)))
+        BLOCK_E=BLOCK, BLOCK_HW=64, ALIGNED=_aligned(C * H * W, xbs), **_launch_opts(x.device)))
     return (mixed, switch, lam_m, um), launch
 
 
@@ -655,14 +676,16 @@ OPS = ("make_masks", "mix", "make_masks_and_mix", "unmix", "mix_and_unmix")
 
 
 def example_launch(op: str, *, dtype=torch.float32, channels_last=False, grid=8, per_sample=False, want_switch=False,
-                   filler=False, flip=False, use_mixup=False) -> Launch:
+                   filler=False, flip=False, use_mixup=False, image=8) -> Launch:
     """The launch ``op`` makes, built by its *_launch function on a small batch of CPU tensors
     with the options the ops (mixfast/ops/mix.py) pass: ``filler`` (``mix`` only: an erase
     baseline, no switch), ``flip`` (``make_masks_and_mix`` with perm=None), ``use_mixup``
-    (Un-Mix). Only dtypes, pointer alignment and the constexprs reach a compile, not sizes."""
+    (Un-Mix); ``image``: the side of the 3-channel images (3·image² a multiple of 16 elements
+    or not sets ALIGNED). Only dtypes, pointer alignment and the constexprs reach a compile, not
+    sizes."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
-    B, C, H, W = 3, 3, 8, 8
+    B, C, H, W = 3, 3, image, image
     x = torch.zeros((B, C, H, W), dtype=dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -25,6 +25,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
+from kernels.layout import out_format
+
 __all__ = [
     "make_masks",
     "upsample_masks",
@@ -85,12 +87,10 @@ def mask_key(seed: int, step: int) -> Tuple[int, int]:
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format a result computed from ``x`` should have (NCHW or NHWC)."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    """The memory format a result computed from ``x`` should have: channels_last iff ``x`` is
+    channels_last-contiguous and not NCHW-contiguous (one rule for the reference and every
+    backend, kept in the kernels' torch-only layout module)."""
+    return out_format(x)
 
 
 # ---------------------------------------------------------------------------------------

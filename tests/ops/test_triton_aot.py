@@ -91,6 +91,11 @@ OTHER_MIX = [
     ("mix_and_unmix", dict(dtype=F16, grid=2, use_mixup=False)),
     ("unmix", dict(dtype=F16, use_mixup=True, channels_last=True)),
     ("unmix", dict(dtype=F16, use_mixup=False)),
+    # images whose size is not a multiple of 16 elements (3 x 7 x 7): the kernels' unaligned variants
+    ("make_masks_and_mix", dict(dtype=BF16, channels_last=True, flip=True, image=7)),
+    ("mix", dict(dtype=F32, filler=True, image=7)),
+    ("mix_and_unmix", dict(dtype=BF16, use_mixup=True, image=7)),
+    ("unmix", dict(dtype=F32, use_mixup=False, image=7)),
 ]
 
 
@@ -117,6 +122,8 @@ def test_mix_samples_cover_every_flag_dtype_and_grid():
         assert seen[("_mix_unmix_kernel", flag)] == both, flag
     for flag in ("MIXUP", "CHANNELS_LAST"):
         assert seen[("_unmix_kernel", flag)] == both, flag
+    for kernel in ("_mix_kernel", "_mix_unmix_kernel", "_unmix_kernel"):
+        assert seen[(kernel, "ALIGNED")] == both, kernel
     assert seen[("_mix_kernel", "GP")] == {2, 4, 8, 16, 32, 64}
     assert seen[("_mix_unmix_kernel", "GP")] == {2, 8, 64} and seen[("_make_masks_kernel", "GP")] == {2, 64}
     assert seen[("_mix_kernel", "data")] == {torch.int32, torch.int16}  # fp32 / 16-bit images are moved as bits
@@ -146,6 +153,20 @@ def test_mix_kernels_do_not_spill(arch):
     spilling = {(op, str(variant)): usage for op, variant in TRAINER_MIX + OTHER_MIX
                 if (usage := _spills(_compiled_mix(op, arch, _key(variant))))}
     assert not spilling, spilling
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mix_kernels_move_aligned_images_in_vectors(arch):
+    """With images a multiple of 16 elements (every training size), the kernels the mixers launch load and store
+    image data in vector instructions (the ops are bound by memory traffic); at an odd size, in scalars."""
+    import re
+
+    for op, variant in TRAINER_MIX:
+        ptx = _compiled_mix(op, arch, _key(variant)).asm["ptx"]
+        assert re.search(r"ld\.global(\.\w+)*\.v[24]\.", ptx) and re.search(r"st\.global(\.\w+)*\.v[24]\.", ptx), (op, variant)
+    odd = dict(dtype=BF16, channels_last=True, flip=True, image=7)
+    ptx = _compiled_mix("make_masks_and_mix", arch, _key(odd)).asm["ptx"]
+    assert not re.search(r"(ld|st)\.global(\.\w+)*\.v[24]\.", ptx)
 
 
 def test_ptxas_resource_lines_are_read():
