@@ -361,17 +361,15 @@ def grads(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], 
           splits: Optional[int] = None) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dq, dcols) in float32, each None unless asked for; see `mixfast/ops/infonce_chunked.py` for F."""
     M, N, D = q.shape[0], cols.shape[0], q.shape[1]
-    dq = torch.zeros((M, D), dtype=torch.float32, device=q.device) if need_dq else None
-    dcols = torch.zeros((N, D), dtype=torch.float32, device=q.device) if need_dcols else None
     if M == 0 or N == 0 or not (need_dq or need_dcols):
-        return dq, dcols
+        return (torch.zeros((M, D), dtype=torch.float32, device=q.device) if need_dq else None,
+                torch.zeros((N, D), dtype=torch.float32, device=q.device) if need_dcols else None)
     launches = grad_launches(q, cols, exclude, lse_, gl, pos, gs, scale, in_denom, need_dq, need_dcols, splits)
-    for name, out in (("grad_q", dq), ("grad_cols", dcols)):
-        if name in launches:
-            part, launch = launches[name]
-            launch()
-            torch.sum(part, dim=0, out=out)  # fixed-order sum of the splits' partials
-    return dq, dcols
+    out = {}
+    for name, (part, launch) in launches.items():
+        launch()
+        out[name] = part.sum(dim=0)  # fixed-order sum of the splits' partials (no zero-filled buffer first)
+    return out.get("grad_q"), out.get("grad_cols")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -142,10 +142,10 @@ class _NativeCuda:
 
     def grads(self, q, cols, exclude, lse_, gl, pos, gs, scale, in_denom, need_dq, need_dcols):
         M, N, D = q.shape[0], cols.shape[0], q.shape[1]
-        dq = torch.zeros((M, D), dtype=torch.float32, device=q.device) if need_dq else None
-        dcols = torch.zeros((N, D), dtype=torch.float32, device=q.device) if need_dcols else None
+        dq = dcols = None
         if M == 0 or N == 0 or not (need_dq or need_dcols):
-            return dq, dcols
+            return (torch.zeros((M, D), dtype=torch.float32, device=q.device) if need_dq else None,
+                    torch.zeros((N, D), dtype=torch.float32, device=q.device) if need_dcols else None)
         block_m, block_n = self.lib.infonce_blocks(D)
         lse_ = lse_.float().contiguous() if in_denom else None
         gl = gl.float().contiguous() if in_denom else None
@@ -161,13 +161,13 @@ class _NativeCuda:
                                                                           q.device))
                 part = torch.empty((splits, M, D), dtype=torch.float32, device=q.device)
                 self.lib.infonce_grad_q_partials(problem, grad, part.data_ptr(), splits, per)
-                torch.sum(part, dim=0, out=dq)
+                dq = part.sum(dim=0)  # fixed-order sum of the splits' partials
             if need_dcols:
                 per, splits = self._split_length(M, block_m, self._splits(-(-N // block_n), -(-M // block_m),
                                                                           q.device))
                 part = torch.empty((splits, N, D), dtype=torch.float32, device=q.device)
                 self.lib.infonce_grad_cols_partials(problem, grad, part.data_ptr(), splits, per)
-                torch.sum(part, dim=0, out=dcols)
+                dcols = part.sum(dim=0)
         return dq, dcols
 
 
