@@ -1,14 +1,19 @@
-"""Backend choice for every op: MIXFAST_BACKEND=auto|cuda|triton|cpu|torch.
+"""Backend choice for every op family: MIXFAST_BACKEND=auto|cuda|triton|cpu|torch.
 
-`auto` (default) picks, per call, the fastest backend available for the tensor's device
-and falls back quietly; a backend named explicitly must exist, or the call fails loudly
-(DESIGN.md: "one the user asks for by name fails loudly if it is not there").
+Each op family declares its backends once, as a :class:`Table` of rows (the implementation
+object, a check of whether it runs on a call's inputs, the dtypes it takes) with a preference
+order per device type; ``Table.choose`` is the one chooser. ``auto`` (default) picks, per
+call, the first preferred backend that runs the call and falls back quietly (at the end,
+``torch``, the reference, runs everything); a backend named explicitly must run the call or
+the call fails loudly with BackendUnavailable: a user who asks for a kernel by name must not
+silently get another one.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
@@ -24,23 +29,45 @@ def requested_backend() -> str:
     return name
 
 
-def choose(op: str, device_type: str, available: dict[str, Callable[[], bool]], preference: Iterable[str],
-           requested: str | None = None) -> str:
-    """Pick a backend for `op` on `device_type`.
+@dataclass(frozen=True)
+class Row:
+    """One backend of an op family: `impl` (has `.name`), `runs(*facts)` -> whether it can run a call with these
+    facts about its inputs (e.g. the device type), `dtypes` it takes (None: any)."""
 
-    available: backend name -> zero-argument check (may be slow the first time, e.g. an
-    import); preference: the order `auto` tries. 'torch' (the reference) always works.
-    """
-    requested = requested or requested_backend()
-    if requested == "auto":
-        for name in preference:
-            if name == "torch" or (name in available and available[name]()):
-                return name
-        return "torch"
-    if requested == "torch":
-        return "torch"
-    if requested not in available or not available[requested]():
-        raise BackendUnavailable(
-            f"MIXFAST_BACKEND={requested} was requested for {op} on a {device_type} tensor, but that backend is not "
-            f"available here (available: {', '.join(n for n, ok in available.items() if ok()) or 'none'}, torch)")
-    return requested
+    impl: Any
+    runs: Callable[..., bool]
+    dtypes: Optional[tuple] = None
+
+
+class Table:
+    """The backends of one op family and the order `auto` tries them in per device type."""
+
+    def __init__(self, family: str, rows: Sequence[Row], preference: dict[str, tuple[str, ...]]):
+        self.family, self.rows = family, {row.impl.name: row for row in rows}
+        self.preference = preference
+        unknown = {n for names in preference.values() for n in names} - set(self.rows)
+        if unknown:
+            raise ValueError(f"{family}: preference names backends without a row: {sorted(unknown)}")
+
+    def choose(self, op: str, device_type: str, dtype, *facts, requested: Optional[str] = None):
+        """The implementation that runs `op` on inputs of `dtype` on `device_type` (`facts` go to each row's
+        `runs`), per MIXFAST_BACKEND (or `requested`)."""
+        requested = requested or requested_backend()
+        if requested == "auto":
+            for name in self.preference.get(device_type, ("torch",)):
+                row = self.rows[name]
+                if (row.dtypes is None or dtype in row.dtypes) and row.runs(*facts):
+                    return row.impl
+            return self.rows["torch"].impl
+        row = self.rows.get(requested)
+        if row is None or not row.runs(*facts):
+            usable = [n for n, r in self.rows.items() if n != "torch" and r.runs(*facts)]
+            raise BackendUnavailable(
+                f"MIXFAST_BACKEND={requested} was requested for {op} on a {device_type} tensor, but that backend is "
+                f"not available here (available: {', '.join(usable) or 'none'}, torch)")
+        if row.dtypes is not None and dtype not in row.dtypes:
+            raise BackendUnavailable(
+                f"MIXFAST_BACKEND={requested} was requested for {op}, but the {requested} kernels support "
+                f"{', '.join(str(d).replace('torch.', '') for d in row.dtypes)} only, got {dtype} "
+                "(use MIXFAST_BACKEND=torch or auto)")
+        return row.impl

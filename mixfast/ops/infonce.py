@@ -44,9 +44,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from mixfast.ops import _native, infonce_chunked
+from mixfast.ops import _backend, _native, infonce_chunked
 from mixfast.ops import reference
-from mixfast.ops._backend import BackendUnavailable, choose, requested_backend
 
 __all__ = ["soft_infonce", "backend_for"]
 
@@ -187,21 +186,35 @@ def _backend_object(name: str):
     return {"cpu": _Chunked, "triton": _triton(), "cuda": _cuda()}[name]
 
 
+class _Name:
+    """A row's implementation in the backend table: its name, which the custom ops carry (the objects themselves are
+    found by `_backend_object` inside the op)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+BACKENDS = _backend.Table(
+    "soft_infonce",
+    rows=[
+        _backend.Row(_Name("cuda"), lambda q, cols: q.is_cuda and _cuda() is not None and _cuda().supports(q, cols)),
+        _backend.Row(_Name("triton"), lambda q, cols: _triton() is not None and _triton().supports(q, cols)),
+        _backend.Row(_Name("cpu"), lambda q, cols: True),  # chunked torch: any device, any float dtype
+        _backend.Row(_Name("torch"), lambda q, cols: True),
+    ],
+    preference={"cuda": ("cuda", "triton", "cpu"), "cpu": ("cpu",)},
+)
+
+
 def backend_for(q: torch.Tensor, cols: torch.Tensor, requested: Optional[str] = None) -> str:
     """The backend that runs soft_infonce for these (already dtype-unified) inputs: cuda, triton, cpu or torch."""
-    requested = requested or requested_backend()
+    requested = requested or _backend.requested_backend()
     if requested == "triton" and not q.is_cuda and not (_triton() and _triton().INTERPRETED):
-        raise BackendUnavailable(
+        raise _backend.BackendUnavailable(
             "MIXFAST_BACKEND=triton was requested for soft_infonce on a CPU tensor: Triton runs on CPU tensors only "
             "in its interpreter, which needs TRITON_INTERPRET=1 set before kernels/infonce.py is imported"
             + ("" if _triton() else " (and Triton is not installed)"))
-    available = {
-        "cuda": lambda: q.is_cuda and _cuda() is not None and _cuda().supports(q, cols),
-        "triton": lambda: _triton() is not None and _triton().supports(q, cols),
-        "cpu": lambda: True,
-    }
-    preference = ("cuda", "triton", "cpu") if q.is_cuda else ("cpu",)
-    return choose("soft_infonce", q.device.type, available, preference, requested)
+    return BACKENDS.choose("soft_infonce", q.device.type, q.dtype, q, cols, requested=requested).name
 
 
 # ---------------------------------------------------------------------------------------------------------------

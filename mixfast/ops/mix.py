@@ -23,15 +23,14 @@ to the documented float32 rounding for mixup.
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional, Tuple
 
 import torch
 
-from kernels.layout import out_format as _out_format, per_image_dense as _per_image_dense
-from mixfast.ops import _backend, _native
+from kernels.layout import out_format as _out_format
+from mixfast.ops import _backend
 from mixfast.ops import reference as ref
+from mixfast.ops.mix_backends import BACKENDS, MaskRequest, to_device
 from mixfast.ops.reference import rand_bbox, upsample_masks
 
 __all__ = [
@@ -55,45 +54,14 @@ _U64 = (1 << 64) - 1
 # ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401, PLC0415
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
-    return True
-
-
-def _triton_ready(device_type: str) -> bool:
-    """Triton runs on a GPU, or on the CPU only in its interpreter (TRITON_INTERPRET=1)."""
-    if device_type == "cuda":
-        return _triton_importable()
-    return device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
-
-
 def backend_for(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The backend that runs ``op`` for a tensor of ``dtype`` on ``device`` right now."""
-    device_type = torch.device(device).type
-    requested = _backend.requested_backend()
-    if dtype not in _native.NATIVE_DTYPES:
-        if requested in ("auto", "torch"):
-            return "torch"
-        raise _backend.BackendUnavailable(
-            f"MIXFAST_BACKEND={requested} was requested for {op}, but the {requested} kernels support float32, "
-            f"bfloat16 and float16 only, got {dtype} (use MIXFAST_BACKEND=torch or auto)")
-    available = {
-        "cpu": lambda: device_type == "cpu" and _native.available(),
-        "cuda": lambda: device_type == "cuda" and _native.cuda_ready(),
-        "triton": lambda: _triton_ready(device_type),
-    }
-    preference = ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
-    return _backend.choose(op, device_type, available, preference, requested)
+    """The name of the backend that runs ``op`` for a tensor of ``dtype`` on ``device`` right now."""
+    return _pick(op, torch.device(device), dtype).name
 
 
-def _triton_mod():
-    from kernels import mix as triton_mix  # noqa: PLC0415 - imported on first use (TRITON_INTERPRET)
-
-    return triton_mix
+def _pick(op: str, device: torch.device, dtype: torch.dtype):
+    """The backend object (``mix_backends``) for ``op`` on this device and dtype."""
+    return BACKENDS.choose(op, device.type, dtype, device.type)
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,96 +135,14 @@ def _check_perm_values(op: str, perm: Tensor) -> None:
         raise ValueError(f"{op}: perm must be a permutation of range({B}), got {shown}")
 
 
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """``t`` on ``device`` without a host sync: a CPU tensor reaches a GPU through pinned
-    memory and an asynchronous copy (a pageable copy would block until the GPU is idle)."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _i64(v: int) -> int:
     """``v`` mod 2^64 as a signed int64 (op schemas carry int64; mask_key reduces mod 2^64)."""
     v &= _U64
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-# ---------------------------------------------------------------------------------------
-# layout helpers
-# ---------------------------------------------------------------------------------------
-
-
 def _empty_out(x: Tensor, fmt: torch.memory_format) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
-def _native_out(x: Tensor, fmt: torch.memory_format) -> Tensor:
-    """An output of the native kernels: on the CPU from the output cache (see
-    _native.CpuOutputCache: fresh pages cost more than the kernel), else a new tensor."""
-    if x.device.type == "cpu":
-        return _native.output_cache.empty(x.shape, x.dtype, fmt)
-    return _empty_out(x, fmt)
-
-
-# ---------------------------------------------------------------------------------------
-# native (CPU / CUDA) runners
-# ---------------------------------------------------------------------------------------
-
-
-def _native_mask_source(C, op, n: int, grid: int, masks: Optional[Tensor], spec, device) -> Tuple[object, Optional[Tensor], Optional[Tensor]]:
-    """``_C.MaskSource`` for given masks (bool -> uint8 on ``device``) or for a spec to draw."""
-    # The structs are built positionally, in their _fields order (see _native.mask_spec).
-    if masks is not None:
-        keep = to_device(masks, device).contiguous().view(torch.uint8)
-        return C.MaskSource(keep.data_ptr(), 0, n, grid), keep, None  # given, out, n, grid
-    out = torch.empty((n, grid, grid), dtype=torch.uint8, device=device)
-    return C.MaskSource(0, out.data_ptr(), n, grid, _native.mask_spec(spec)), None, out
-
-
-def _native_mix_args(C, op: str, x: Tensor, perm: Optional[Tensor], filler: Optional[Tensor], want_switch: bool,
-                     src, n: int, perm_is_flip: bool):
-    """Fill ``_C.MixArgs``; returns (args, outputs, tensors to keep alive)."""
-    fmt = _out_format(x)
-    xx, xbs = _per_image_dense(x, fmt)
-    keep = [xx]
-    pp = ff = None
-    fbs = 0
-    if perm is not None:
-        pp = perm.contiguous()
-        keep.append(pp)
-    if filler is not None:
-        ff, fbs = _per_image_dense(filler, fmt)
-        keep.append(ff)
-    mixed = _native_out(x, fmt)
-    switch = _native_out(x, fmt) if want_switch else x.new_empty((0,))
-    lam = torch.empty((n,), dtype=torch.float32, device=x.device)
-    a = C.MixArgs(_native.geometry(op, xx, fmt == torch.channels_last), xx.data_ptr(), xbs,
-                  pp.data_ptr() if pp is not None else 0, ff.data_ptr() if ff is not None else 0, fbs, perm_is_flip,
-                  src, mixed.data_ptr(), switch.data_ptr() if want_switch else 0, lam.data_ptr(),
-                  _native.num_threads())  # in MixArgs._fields order (see _native.mask_spec)
-    return a, (mixed, switch, lam), keep
-
-
-def _run_native(C, fn: str, device: torch.device, *args) -> None:
-    if device.type == "cpu":
-        getattr(C, f"{fn}_cpu")(*args)
-        return
-    with torch.cuda.device(device):
-        getattr(C, f"{fn}_cuda")(*args, _native.stream_handle(device))
-
-
-def _native_unmix_args(C, op: str, x: Tensor, lam: float, use_mixup: bool, box) -> Tuple[object, Tensor, list]:
-    fmt = _out_format(x)
-    xx, xbs = _per_image_dense(x, fmt)
-    out = _native_out(x, fmt)
-    y1, y2, x1, x2 = box
-    # In UnmixArgs._fields order (see _native.mask_spec); lam and mu become float32(lam) and
-    # float32(1 - lam), the reference's scalars.
-    u = C.UnmixArgs(_native.geometry(op, xx, fmt == torch.channels_last), xx.data_ptr(), xbs, use_mixup, lam,
-                    1.0 - lam, y1, y2, x1, x2, out.data_ptr(), _native.num_threads())
-    return u, out, [xx]
 
 
 # ---------------------------------------------------------------------------------------
@@ -281,22 +167,7 @@ def _fake_mix_outputs(x: Tensor, n: int, want_switch: bool) -> Tuple[Tensor, Ten
 
 def _mix_impl(x: Tensor, masks: Tensor, perm: Optional[Tensor], filler: Optional[Tensor],
               want_switch: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    backend = backend_for("mix", x.device, x.dtype)
-    if backend == "torch":
-        mixed, switch, lam = ref.mix(x, masks, perm, want_switch, filler=filler)
-        return mixed, (switch if switch is not None else x.new_empty((0,))), lam
-    n, g = masks.shape[0], masks.shape[1]
-    if backend == "triton":
-        return _triton_mod().mix(x, masks=masks, spec=None, n_masks=n, grid=g, perm=perm, filler=filler,
-                                 want_switch=want_switch, perm_is_flip=False)[:3]
-    C = _native.require_native("mix")
-    if backend == "cuda":
-        _native.require_cuda_tensor("mix", x)
-    # *_alive: tensors whose addresses the native args hold; they must outlive the call
-    src, masks_alive, _ = _native_mask_source(C, "mix", n, g, masks, None, x.device)
-    args, outs, inputs_alive = _native_mix_args(C, "mix", x, perm, filler, want_switch, src, n, False)
-    _run_native(C, "mix", x.device, args)
-    return outs
+    return _pick("mix", x.device, x.dtype).mix(x, masks, perm, filler, want_switch)
 
 
 _mix_op = torch.library.custom_op("mixfast::mix", mutates_args=())(_mix_impl)
@@ -310,31 +181,8 @@ def _(x, masks, perm, filler, want_switch):
 def _make_masks_and_mix_impl(x: Tensor, perm: Optional[Tensor], grid: int, ratio: float, kind: str,
                              per_sample: bool, seed: int, step: int,
                              want_switch: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    B = x.shape[0]
-    n = B if per_sample else 1
-    flip = perm is None
-    backend = backend_for("make_masks_and_mix", x.device, x.dtype)
-    if backend == "torch":
-        masks = to_device(ref.make_masks(n, grid, ratio, kind, seed=seed, step=step), x.device)
-        perm_t = torch.arange(B - 1, -1, -1, device=x.device) if flip else perm
-        mixed, switch, lam = ref.mix(x, masks, perm_t, want_switch)
-        return mixed, (switch if switch is not None else x.new_empty((0,))), lam, masks
-    spec = ref.mask_spec(grid, ratio, kind, seed, step)
-    if backend == "triton":
-        # With flip the kernel reads each pair of images once and never reads a permutation.
-        mixed, switch, lam, masks = _triton_mod().mix(x, masks=None, spec=spec, n_masks=n, grid=grid, perm=perm,
-                                                      filler=None, want_switch=want_switch, perm_is_flip=flip)
-        return mixed, switch, lam, masks.view(torch.bool)
-    C = _native.require_native("make_masks_and_mix")
-    if backend == "cuda":
-        _native.require_cuda_tensor("make_masks_and_mix", x)
-    src, _, masks_out = _native_mask_source(C, "make_masks_and_mix", n, grid, None, spec, x.device)
-    # The native API takes the flip as a permutation too (the CPU kernels read it; CUDA pairs
-    # the images when perm_is_flip): an arange on the device, no host work.
-    perm_t = torch.arange(B - 1, -1, -1, device=x.device) if flip else perm
-    args, outs, inputs_alive = _native_mix_args(C, "make_masks_and_mix", x, perm_t, None, want_switch, src, n, flip)
-    _run_native(C, "mix", x.device, args)
-    return (*outs, masks_out.view(torch.bool))
+    req = MaskRequest(x.shape[0] if per_sample else 1, grid, ratio, kind, seed, step)
+    return _pick("make_masks_and_mix", x.device, x.dtype).make_masks_and_mix(x, perm, req, want_switch)
 
 
 _make_masks_and_mix_op = torch.library.custom_op("mixfast::make_masks_and_mix",
@@ -349,17 +197,7 @@ def _(x, perm, grid, ratio, kind, per_sample, seed, step, want_switch):
 
 
 def _unmix_impl(x: Tensor, lam: float, use_mixup: bool, y1: int, y2: int, x1: int, x2: int) -> Tensor:
-    backend = backend_for("unmix", x.device, x.dtype)
-    if backend == "torch":
-        return ref.unmix(x, lam, use_mixup, box=None if use_mixup else (y1, y2, x1, x2))[0]
-    if backend == "triton":
-        return _triton_mod().unmix(x, lam=lam, use_mixup=use_mixup, box=(y1, y2, x1, x2))
-    C = _native.require_native("unmix")
-    if backend == "cuda":
-        _native.require_cuda_tensor("unmix", x)
-    u, out, inputs_alive = _native_unmix_args(C, "unmix", x, lam, use_mixup, (y1, y2, x1, x2))
-    _run_native(C, "unmix", x.device, u)
-    return out
+    return _pick("unmix", x.device, x.dtype).unmix(x, lam, use_mixup, (y1, y2, x1, x2))
 
 
 _unmix_op = torch.library.custom_op("mixfast::unmix", mutates_args=())(_unmix_impl)
@@ -372,27 +210,8 @@ def _(x, lam, use_mixup, y1, y2, x1, x2):
 
 def _mix_and_unmix_impl(x: Tensor, masks: Tensor, perm: Tensor, want_switch: bool, lam: float, use_mixup: bool,
                         y1: int, y2: int, x1: int, x2: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = backend_for("mix_and_unmix", x.device, x.dtype)
-    box = (y1, y2, x1, x2)
-    if backend == "torch":
-        mixed, switch, lam_m = ref.mix(x, masks, perm, want_switch)
-        x_um = ref.unmix(x, lam, use_mixup, box=None if use_mixup else box)[0]
-        return mixed, (switch if switch is not None else x.new_empty((0,))), lam_m, x_um
-    n, g = masks.shape[0], masks.shape[1]
-    if backend == "triton":
-        return _triton_mod().mix_and_unmix(x, masks=masks, perm=perm, want_switch=want_switch, lam=lam,
-                                           use_mixup=use_mixup, box=box)
-    C = _native.require_native("mix_and_unmix")
-    if backend == "cuda":
-        _native.require_cuda_tensor("mix_and_unmix", x)
-    src, masks_alive, _ = _native_mask_source(C, "mix_and_unmix", n, g, masks, None, x.device)
-    a = C.MixUnmixArgs()
-    margs, (mixed, switch, lam_m), inputs_alive = _native_mix_args(C, "mix_and_unmix", x, perm, None, want_switch,
-                                                                   src, n, False)
-    u, x_um, unmix_inputs_alive = _native_unmix_args(C, "mix_and_unmix", x, lam, use_mixup, box)
-    a.mix, a.unmix = margs, u
-    _run_native(C, "mix_and_unmix", x.device, a)
-    return mixed, switch, lam_m, x_um
+    return _pick("mix_and_unmix", x.device, x.dtype).mix_and_unmix(x, masks, perm, want_switch, lam, use_mixup,
+                                                                   (y1, y2, x1, x2))
 
 
 _mix_and_unmix_op = torch.library.custom_op("mixfast::mix_and_unmix", mutates_args=())(_mix_and_unmix_impl)
@@ -432,20 +251,8 @@ def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: in
         draw_on, target = torch.device("cuda" if gpu else "cpu"), torch.device("cpu")
     else:
         draw_on = target = torch.device(device)
-    backend = backend_for("make_masks", draw_on)
-    if backend == "torch":
-        return to_device(ref.make_masks(n, grid, ratio, kind, seed=seed, step=step), target)
-    spec = ref.mask_spec(grid, float(ratio), kind, seed, step)
-    if backend == "triton":
-        return _triton_mod().make_masks(spec, n, draw_on).view(torch.bool).to(target)
-    C = _native.require_native("make_masks")
-    out = torch.empty((n, grid, grid), dtype=torch.uint8, device=draw_on)
-    if backend == "cuda":
-        with torch.cuda.device(draw_on):
-            C.make_masks_cuda(_native.mask_spec(spec), n, out.data_ptr(), _native.stream_handle(draw_on))
-    else:
-        C.make_masks_cpu(_native.mask_spec(spec), n, out.data_ptr(), _native.num_threads())
-    return out.view(torch.bool).to(target)
+    req = MaskRequest(n, grid, float(ratio), kind, seed, step)
+    return to_device(_pick("make_masks", draw_on, torch.float32).make_masks(req, draw_on).view(torch.bool), target)
 
 
 def mix(
