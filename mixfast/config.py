@@ -484,7 +484,8 @@ def _reject_deepspeed_precision(user: dict[str, Any]) -> None:
             raise ConfigError(
                 f"deepspeed.{block}.enabled: DeepSpeed's {block} mode casts the model weights to {block}, and the "
                 f"momentum key encoder then stops moving (an m=0.999 EMA update is below {block} resolution, "
-                f"SPEC §8). Remove deepspeed.{block} and set train.precision=\"bf16\" instead: autocast with fp32 weights.")
+                f"so its weights must stay fp32). Remove deepspeed.{block} and set train.precision=\"bf16\" instead: "
+                "autocast with fp32 weights.")
 
 
 def _batch_keys(batch_size: int, world_size: int) -> dict[str, int]:
