@@ -1,4 +1,4 @@
-"""Triton kernels of mixfast's ops, one module per op (DESIGN.md), with ``layout`` (image
+"""Triton kernels of mixfast's ops, one module per op (as ``mixfast/ops``), with ``layout`` (image
 layout helpers shared with the ops; torch only) and ``aot`` (launch descriptions, compiled
 ahead of time for a GPU in the tests). A leaf package: nothing here imports ``mixfast``.
 

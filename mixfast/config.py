@@ -1,6 +1,8 @@
 """Typed run configuration: one JSON file, mixfast sections plus a DeepSpeed pass-through.
 
-Defaults follow ../shared/SPEC.md (ImageNet-1K MoCo v2 + MixMask column unless noted).
+Defaults are the ImageNet-1K MoCo v2 + MixMask setting unless noted: the MixMask paper
+(Vishniakov et al., Table 9) and its public reference code, whose value wins where the two
+disagree (e.g. pre-training weight decay 1e-4, where Table 9 prints 0).
 Every model below forbids unknown keys, so a typo is an error naming its full path.
 Loading, ``--set`` overrides and error formatting live at the bottom of this module.
 """
@@ -33,7 +35,8 @@ class ModelConfig(Section):
     width: int = Field(
         64, ge=4, description="Channels of the first stage (64 = the standard ResNet); smaller widths make CPU demos fast.")
     cifar_stem: bool = Field(
-        False, description="3x3 stride-1 conv1 and no max-pool (SPEC §1 CIFAR/Tiny-ImageNet backbone).")
+        False, description="3x3 stride-1 conv1 and no max-pool: the ResNet-18 stem for 32/64-pixel images "
+                           "(CIFAR-100, Tiny-ImageNet), as in MoCo's official CIFAR-10 demo.")
     head: Literal["mlp", "linear", "mlp_bn", "simsiam"] = Field(
         "mlp", description="Projection head: 'mlp' (MoCo v2: Linear-ReLU-Linear), 'linear' (MoCo v1 / CIFAR), "
                            "'mlp_bn' (head_layers Linear layers, BN-ReLU between them: SimCLR, BYOL), 'simsiam' "
@@ -46,7 +49,8 @@ class ModelConfig(Section):
         512, ge=1, description="Bottleneck width of the predictor (BYOL, SimSiam, MixSiam): "
                                "Linear(feature_dim, this)-BN-ReLU-Linear(this, feature_dim).")
     bn_splits: int = Field(
-        8, ge=1, description="MoCo only: SplitBatchNorm groups used on a single process to emulate shuffle-BN (SPEC §1); 1 = plain BN.")
+        8, ge=1, description="MoCo only: SplitBatchNorm groups used on a single process to emulate shuffle-BN "
+                             "(8, as in MoCo's official CIFAR-10 demo); 1 = plain BN.")
     shuffle_bn: bool = Field(
         True, description="MoCo only. Shuffle-BN: permute the key batch across ranks before the key encoder (world size > 1). "
                           "On one process (or with this off) the key batch is permuted within the batch and BatchNorm is SplitBatchNorm(bn_splits).")
@@ -62,7 +66,8 @@ class ModelConfig(Section):
 
 class MixSiamConfig(Section):
     mix_lambda: float = Field(
-        0.5, ge=0.0, le=1.0, description="lambda_mix of the mixture of the two views x_m = l*x1 + (1-l)*x2 (SPEC §3).")
+        0.5, ge=0.0, le=1.0, description="lambda_mix of the mixture of the two views x_m = l*x1 + (1-l)*x2 "
+                                         "(MixSiam paper: 0.5).")
     loss_lambda: float = Field(
         0.5, ge=0.0, le=1.0, description="L = this * L_siam + (1 - this) * L_mix.")
     aggregation: Literal["max", "mean", "none"] = Field(
@@ -85,14 +90,18 @@ class MethodConfig(Section):
                                 "over the run's K steps; 'constant' = MoCo.")
     temperature: float = Field(0.2, gt=0.0, description="Softmax temperature tau (MoCo, SimCLR).")
     symmetric: bool = Field(
-        False, description="MoCo: symmetric loss (both views as query and key; SPEC §2 CIFAR variant); enqueues "
-                           "cat(k1, k2). BYOL/SimSiam/SimCLR are always symmetric in their own loss.")
+        False, description="MoCo: symmetric loss (both views as query and key, each mixed term scored against "
+                           "both key views; Un-Mix (Shen et al.) trains CIFAR MoCo so, after MoCo's CIFAR-10 "
+                           "demo); enqueues cat(k1, k2). BYOL/SimSiam/SimCLR are always symmetric in their own loss.")
     mixsiam: MixSiamConfig = Field(default_factory=MixSiamConfig)
 
 
 class MixMaskConfig(Section):
     enabled: bool = Field(True, description="Add the MixMask branch.")
-    kind: Literal["block", "discrete"] = Field("block", description="Mask pattern (SPEC §1).")
+    kind: Literal["block", "discrete"] = Field(
+        "block", description="Mask pattern (MixMask paper, Fig. 1): 'block' = BEiT block masking (rectangles of random "
+                             "area and aspect added until ratio*g^2 cells are set), 'discrete' = each cell set "
+                             "independently with probability ratio.")
     grid: int = Field(8, ge=2, le=64, description="Mask grid size g (g x g cells upsampled to H x W).")
     ratio: Union[float, tuple[float, float]] = Field(
         0.5, description="Fraction of cells kept from the original image, or [a, b] to draw it per step from U(a, b).")
@@ -119,7 +128,9 @@ class MixMaskConfig(Section):
 class UnMixConfig(Section):
     enabled: bool = Field(True, description="Add the Un-Mix branch.")
     prob_mixup: float = Field(
-        0.5, ge=0.0, le=1.0, description="P: probability of global mixup (else CutMix) per step; 0.5 with MixMask, 0 alone (SPEC §1).")
+        0.5, ge=0.0, le=1.0, description="P: probability of global mixup (else CutMix) per step; 0.5 with MixMask "
+                                         "(MixMask paper, Table 3), 0 for Un-Mix alone on ImageNet "
+                                         "(Un-Mix, Shen et al.).")
     alpha: float = Field(1.0, gt=0.0, description="lambda ~ Beta(alpha, alpha).")
 
 
@@ -127,9 +138,9 @@ class MixingConfig(Section):
     mixmask: MixMaskConfig = Field(default_factory=MixMaskConfig)
     unmix: UnMixConfig = Field(default_factory=UnMixConfig)
     symmetrize: bool = Field(
-        False, description="SimCLR/BYOL/SimSiam (SPEC §1 'other frameworks', an open choice): mixtures are built from "
-                           "view 1 and scored against view 2's targets; true also mixes view 2 and scores it "
-                           "against view 1's (twice the mixed branches). MoCo uses method.symmetric instead.")
+        False, description="SimCLR/BYOL/SimSiam (our choice: neither paper nor public code fixes it): "
+                           "mixtures are built from view 1 and scored against view 2's targets; true also "
+                           "mixes view 2 and scores it against view 1's (twice the mixed branches). MoCo uses method.symmetric instead.")
 
 
 # Data sets read from data.root; the others are generated in memory.
@@ -146,7 +157,8 @@ class DataConfig(Section):
     val_split: str = Field("val", description="Sub-directory (ImageFolder) used for kNN evaluation.")
     image_size: int = Field(224, ge=8, description="Crop size of both views.")
     augmentation: Literal["mocov2", "mocov1", "cifar"] = Field(
-        "mocov2", description="Two-view recipe (SPEC §7).")
+        "mocov2", description="Two-view recipe, the same for both views: 'mocov2' (MoCo v2), 'mocov1' (MoCo v1), "
+                              "'cifar' (Un-Mix's CIFAR code: crop scale 0.08-1, no blur); see mixfast.data.transforms.")
     crop_min_scale: Optional[float] = Field(
         None, gt=0.0, le=1.0, description="Lower bound of RandomResizedCrop's scale; null = the recipe's (0.2 MoCo, 0.08 CIFAR).")
     hflip: bool = Field(True, description="Random horizontal flip in both views (off for non-mirror-symmetric data such as digits).")
@@ -219,7 +231,7 @@ class LogConfig(Section):
 
 
 DEEPSPEED_DEFAULTS: dict[str, Any] = {
-    # DeepSpeed's default became 1.0; the papers do not clip (SPEC §8).
+    # DeepSpeed's default became 1.0; the papers (MoCo, MixMask, Un-Mix) train without clipping.
     "gradient_clipping": 0.0,
     "zero_optimization": {"stage": 0},
     # torch.optim.SGD is not on DeepSpeed's list of ZeRO-tested optimizers.
@@ -472,7 +484,8 @@ def _reject_deepspeed_precision(user: dict[str, Any]) -> None:
             raise ConfigError(
                 f"deepspeed.{block}.enabled: DeepSpeed's {block} mode casts the model weights to {block}, and the "
                 f"momentum key encoder then stops moving (an m=0.999 EMA update is below {block} resolution, "
-                f"SPEC §8). Remove deepspeed.{block} and set train.precision=\"bf16\" instead: autocast with fp32 weights.")
+                f"so its weights must stay fp32). Remove deepspeed.{block} and set train.precision=\"bf16\" instead: "
+                "autocast with fp32 weights.")
 
 
 def _batch_keys(batch_size: int, world_size: int) -> dict[str, int]:

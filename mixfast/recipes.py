@@ -7,10 +7,14 @@ and the README's table of paper rows is generated from the same entries:
     python -m mixfast.recipes --write configs/           # regenerate the config files
     python -m mixfast.recipes --readme README.md         # regenerate the README table
 
-Sources: SPEC §1 (MixMask defaults), paper Table 8 (CIFAR-100 / Tiny-ImageNet settings of
-MoCo, SimCLR & BYOL, SimSiam; slash values there are CIFAR-100 / Tiny-ImageNet), Table 9
-(ImageNet-1K MoCo v2), the MixSiam paper (SPEC §3). Choices where a source is ambiguous are
-commented at the entry.
+Sources: the MixMask paper (Vishniakov et al.) and its public reference code for the
+MixMask defaults (block mask, ratio 0.5, grid 2 / 4 / 8 for CIFAR-100 / Tiny-ImageNet /
+ImageNet-1K; where paper and code disagree, the code's value is the default), paper Table 8
+(CIFAR-100 / Tiny-ImageNet settings of MoCo, SimCLR & BYOL, SimSiam; slash values there are
+CIFAR-100 / Tiny-ImageNet), Table 9 (ImageNet-1K MoCo v2), and the MixSiam paper (Guo et
+al.: ResNet-50, 3-layer 2048-d projector, predictor bottleneck 512, SGD base lr 0.05 ×
+batch/256, weight decay 1e-4, batch 128). Choices where a source is ambiguous are commented
+at the entry.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ _SMALL_DATA = {
     "tinyimagenet": {"data": {"name": "tinyimagenet", "root": "/data/tiny-imagenet-200", "image_size": 64,
                               "augmentation": "cifar"}},
 }
-_SMALL_GRID = {"cifar100": 2, "tinyimagenet": 4}  # SPEC §1: grid 2 (CIFAR), 4 (Tiny)
+_SMALL_GRID = {"cifar100": 2, "tinyimagenet": 4}  # MixMask paper Sec. 4.1: best grid 2 (CIFAR-100), 4 (Tiny)
 _SMALL_BACKBONE = {"arch": "resnet18", "width": 64, "cifar_stem": True}
 _TABLE8_TRAIN = {"train": {"epochs": 1000, "batch_size": 512}}
 
@@ -120,7 +124,7 @@ _IN1K = {
     "model": {"arch": "resnet50", "width": 64, "cifar_stem": False, "head": "mlp", "feature_dim": 128},
     "method": {"name": "moco", "version": 2, "queue_size": 65536, "momentum": 0.999, "temperature": 0.2},
     "data": {"name": "imagefolder", "root": "/data/imagenet", "image_size": 224, "augmentation": "mocov2"},
-    # Table 9 prints weight decay 0; SPEC §1 follows the reference code's 1e-4.
+    # Table 9 prints weight decay 0; we follow the MixMask reference code (MoCo v2's), 1e-4.
     "optim": {"name": "sgd", "lr": 0.03, "momentum": 0.9, "weight_decay": 1e-4},
     "train": {"epochs": 200, "batch_size": 256},
 }
@@ -143,7 +147,7 @@ def _in1k_recipes() -> list[Recipe]:
             for name, row, s in entries]
 
 
-# --- MixSiam (SPEC §3) ---------------------------------------------------------------------------
+# --- MixSiam (Guo et al.) ------------------------------------------------------------------------
 
 _NO_MIXING = {"mixing": {"mixmask": {"enabled": False}, "unmix": {"enabled": False}}}
 

@@ -9,7 +9,8 @@ through a DALI conditional so only the drawn half pays for it), and one
 sample by DALI's seeded random operators, so a run is reproducible and, with
 ``enable_checkpointing``, resumable.
 
-Recipes (SPEC §7), as in ``mixfast.data.transforms``:
+Recipes (MoCo v2 / v1 as in MoCo's official code, CIFAR as in Un-Mix's), as in
+``mixfast.data.transforms``:
 
 - ``mocov2``: crop scale [0.2, 1], jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2,
   blur sigma U(0.1, 2) p 0.5 (window = the torch path's kernel size), flip, ImageNet mean/std;

@@ -321,7 +321,7 @@ _SYNTHETIC_TEST_SEED = 1
 @dataclass
 class Datasets:
     train: TwoViewDataset  # pre-training, two views
-    knn_train: EvalDataset  # train split under the eval transform = kNN memory bank (SPEC §6)
+    knn_train: EvalDataset  # train split under the eval transform = kNN memory bank (InstDisc monitor)
     knn_test: EvalDataset  # test/val split under the eval transform
     num_classes: int
 

@@ -1,4 +1,9 @@
-"""Two-view pre-training augmentations and the evaluation transform (SPEC §7).
+"""Two-view pre-training augmentations and the evaluation transform.
+
+Recipes, each applied independently to both views: ``mocov2`` and ``mocov1`` are the
+augmentations of MoCo v2 / v1 in MoCo's official ``main_moco.py`` (also MixMask's ImageNet
+setting); ``cifar`` is Un-Mix's CIFAR recipe (Shen et al., official code: crop scale
+0.08-1, flip, colour jitter p 0.8, grayscale p 0.2, no blur), used for Tiny-ImageNet too.
 
 All transforms take a PIL RGB image and return float32 tensors ``[3, S, S]``, normalized
 with the data set's mean/std. Every random choice uses torch's RNG, so DataLoader workers

@@ -1,8 +1,8 @@
 """DeepSpeed checkpoints plus mixfast's client state, auto-resume and pruning.
 
 DeepSpeed saves the trained module, optimizer and LR scheduler; the client state adds what
-it does not own (SPEC §8): the method's state (`Method.state_dict()`: MoCo's momentum
-encoder, queue and pointer; BYOL's target network), the training position
+it does not own but a resumed run needs: the method's state (`Method.state_dict()`: MoCo's
+momentum encoder, queue and pointer; BYOL's target network), the training position
 (epoch, global step, batches consumed in the epoch), RNG states and the kNN history.
 DeepSpeed writes the `latest` file only after a checkpoint is complete, so a run killed
 while saving resumes from the previous one.

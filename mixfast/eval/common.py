@@ -324,8 +324,9 @@ AUGMENTS = ("rrc", "crop", "none")
 
 
 def train_transform(augment: str, recipe: str, size: int, hflip: bool) -> Callable:
-    """'rrc': RandomResizedCrop(size) + flip (SPEC §6 ImageNet); 'crop': resize, RandomCrop(size,
-    padding size/8) + flip (the usual CIFAR recipe); 'none': the deterministic eval transform."""
+    """'rrc': RandomResizedCrop(size) + flip (the ImageNet linear probe of MoCo's main_lincls.py);
+    'crop': resize, RandomCrop(size, padding size/8) + flip (the usual CIFAR recipe); 'none': the
+    deterministic eval transform."""
     if augment == "none":
         return eval_transform(recipe, size)
     flip = [T.RandomHorizontalFlip()] if hflip else []
@@ -338,7 +339,8 @@ def train_transform(augment: str, recipe: str, size: int, hflip: bool) -> Callab
 
 
 def val_transform(recipe: str, size: int) -> Callable:
-    """Resize(size·256/224) + CenterCrop(size) above 64 px (SPEC §6: 256 -> 224), as is below."""
+    """Resize(size·256/224) + CenterCrop(size) above 64 px (the ImageNet eval transform, Resize 256
+    then CenterCrop 224), the image as is below."""
     return eval_transform(recipe, size)
 
 

@@ -1,4 +1,4 @@
-"""Semi-supervised fine-tuning on 1% / 10% / 100% of the labels (SPEC §6).
+"""Semi-supervised fine-tuning on 1% / 10% / 100% of the labels (MixMask paper, Table 10).
 
     python -m mixfast.eval.finetune RUN_OR_CKPT --labels 1|10|100 [--subset-seed S | --subset-file F]
 
@@ -34,18 +34,18 @@ from torch import nn
 from mixfast.engine.logging import info
 from mixfast.eval import common, subsets
 
-# SPEC §6: percent -> (backbone lr, classifier lr)
-SPEC_LRS = {1: (0.002, 0.5), 10: (0.002, 0.5), 100: (0.001, 0.05)}
+# MixMask paper, Table 10: percent of labels -> (backbone lr, classifier lr)
+PROTOCOL_LRS = {1: (0.002, 0.5), 10: (0.002, 0.5), 100: (0.001, 0.05)}
 DEFAULTS = {"epochs": 20, "batch_size": 256, "momentum": 0.9, "weight_decay": 0.0, "schedule": "step",
             "milestones": [12, 16], "gamma": 0.1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The command line, with SPEC §6's value for every flag not given."""
+    """The command line, with the protocol's value (MixMask paper, Table 10) for every flag not given."""
     parser = argparse.ArgumentParser(prog="python -m mixfast.eval.finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
-    parser.add_argument("--labels", type=int, choices=sorted(SPEC_LRS), required=True,
+    parser.add_argument("--labels", type=int, choices=sorted(PROTOCOL_LRS), required=True,
                         help="percent of the training labels used")
     parser.add_argument("--subset-seed", type=int, default=0, help="seed of the class-balanced subset")
     parser.add_argument("--subset-file", default=None,
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    lr_b, lr_c = SPEC_LRS[args.labels]
+    lr_b, lr_c = PROTOCOL_LRS[args.labels]
     args.lr_backbone = lr_b if args.lr_backbone is None else args.lr_backbone
     args.lr_classifier = lr_c if args.lr_classifier is None else args.lr_classifier
     if args.epochs < 1 or args.batch_size < 1 or args.lr_backbone < 0 or args.lr_classifier <= 0:

@@ -1,4 +1,5 @@
-"""kNN monitor (SPEC §6, InstDisc style): weighted k-nearest-neighbour top-1 accuracy.
+"""kNN monitor: weighted k-nearest-neighbour top-1 accuracy, InstDisc style (Wu et al., 2018),
+as in MoCo's official CIFAR-10 demo (k = 200, t = 0.1 by default).
 
 Features are L2-normalized; the memory bank is the training split under the test
 transform; class score = Σ over the top-k neighbours of exp(sim / t). With several ranks
@@ -106,7 +107,7 @@ def main(argv=None) -> dict:
     info(f"kNN (k {k}, t {t}) of {source.weights} on {cfg.data.name}: bank {len(data.train)} / test "
          f"{len(data.test)} images -> {out}")
     top1 = knn_accuracy(backbone, wrap(bank, "bank"), wrap(test, "test"), data.num_classes, k, t, device)
-    metrics = {**common.base_record("knn", source, cfg, data), "protocol": "knn (SPEC §6)", "top1": top1,
+    metrics = {**common.base_record("knn", source, cfg, data), "protocol": "knn (InstDisc)", "top1": top1,
                "hyperparameters": {"k": k, "t": t, "features": "backbone"}, "wall_s": time.perf_counter() - t_start}
     common.EpochLog(out, "knn").log(0, {"top1": top1, "k": k, "t": t})
     path = common.write_json(os.path.join(out, "knn_metrics.json"), metrics)

@@ -4,10 +4,11 @@
 
 Protocols (every value overridable by its flag):
 
-- ``imagenet`` (SPEC §6, MoCo's ``main_lincls.py``): SGD lr 30, momentum 0.9, weight decay 0,
-  batch 256, 100 epochs, lr ×0.1 at epochs 60 and 80; train RandomResizedCrop(224) + flip,
-  val Resize(256) + CenterCrop(224) (the data's ``image_size`` stands for 224).
-- ``cifar`` (our choice; neither SPEC nor the MixMask/Un-Mix code pins one: the CIFAR numbers
+- ``imagenet`` (MoCo's ``main_lincls.py``; MixMask paper, Table 9): SGD lr 30, momentum 0.9,
+  weight decay 0, batch 256, 100 epochs, lr ×0.1 at epochs 60 and 80; train
+  RandomResizedCrop(224) + flip, val Resize(256) + CenterCrop(224) (the data's ``image_size``
+  stands for 224).
+- ``cifar`` (our choice; neither the papers nor the MixMask/Un-Mix code pin one: the CIFAR numbers
   of those papers are kNN or their own scripts): solo-learn's linear recipe — SGD lr 0.1,
   momentum 0.9, weight decay 0, batch 256, 100 epochs, lr ×0.1 at 60 and 80 — with the usual
   CIFAR augmentation, RandomCrop(32, padding 4) + flip; val: the image as is.
@@ -49,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="imagenet",
-                        help="hyper-parameter set (default imagenet = SPEC §6)")
+                        help="hyper-parameter set (default imagenet = MoCo's main_lincls.py: SGD lr 30, 100 epochs)")
     common.add_schedule_args(parser)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--augment", choices=common.AUGMENTS, default=None,

@@ -5,7 +5,7 @@ Split of responsibilities with DeepSpeed: the engine owns only what the optimize
 the framework's `build` function. The `Method` object owns everything else a framework
 needs across steps and that is not trained by the optimizer: MoCo's key encoder and queue,
 BYOL's target network. It is an `nn.Module` so its state (`state_dict()`: EMA weights and
-buffers) travels in the checkpoint's client state (SPEC §8).
+buffers) travels in the checkpoint's client state (DeepSpeed saves only the engine's module).
 
 Per step the trainer calls `training_step(engine, x1, x2, step, backward, sequential)`,
 then `engine.step()`, then `after_step(result)`.

@@ -1,4 +1,4 @@
-"""BYOL (Grill et al., 2020) with the MixMask / Un-Mix branches (SPEC §1 "other frameworks").
+"""BYOL (Grill et al., 2020) with the MixMask / Un-Mix branches (soft pairing: see methods.losses).
 
 The online network (backbone, projector, predictor) is trained by DeepSpeed; the target
 network (backbone, projector) is its EMA with BYOL's cosine τ schedule

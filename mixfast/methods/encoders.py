@@ -77,8 +77,9 @@ def backbone_and_head(cfg: RunConfig) -> tuple[nn.Module, nn.Module]:
 
 
 def finalize(module: nn.Module, cfg: RunConfig) -> nn.Module:
-    """SyncBatchNorm (before deepspeed.initialize, SPEC §8). The parameters keep the plain
-    contiguous layout DeepSpeed needs, also with model.channels_last (see the module doc)."""
+    """SyncBatchNorm, converted before deepspeed.initialize (the engine keeps the modules it is
+    given). The parameters keep the plain contiguous layout DeepSpeed needs, also with
+    model.channels_last (see the module doc)."""
     if cfg.model.sync_bn:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module

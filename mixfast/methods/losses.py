@@ -1,7 +1,8 @@
 """Per-row losses shared by the frameworks, and the soft pairing of a mixed branch.
 
 Every function returns one value per row, so a framework can weight rows (λ, 1-λ) before
-averaging. The soft pairing (SPEC §1 "other frameworks"): mixed row i is compared with
+averaging. The soft pairing, MixMask's and Un-Mix's loss carried over from MoCo to the
+other frameworks (MixMask paper, Sec. 3.2; Un-Mix, Shen et al.): mixed row i is compared with
 the target of its own image with weight λ_i and with the target of its filler image
 perm[i] with weight 1-λ_i.
 """

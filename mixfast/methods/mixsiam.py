@@ -1,4 +1,4 @@
-"""MixSiam (SPEC §3): SimSiam plus a mixture of the two views of the same image.
+"""MixSiam (Guo et al.): SimSiam plus a mixture of the two views of the same image.
 
     x_m   = l·x1 + (1-l)·x2                   l = method.mixsiam.mix_lambda (0.5)
     z_f   = max(sg z1, sg z2)  element-wise  (method.mixsiam.aggregation: max | mean)

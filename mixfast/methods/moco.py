@@ -1,10 +1,10 @@
-"""MoCo v1/v2 with the MixMask and Un-Mix branches (SPEC §1-§2).
+"""MoCo v1/v2 with the MixMask (Vishniakov et al.) and Un-Mix (Shen et al.) branches.
 
 Split of responsibilities with DeepSpeed: the engine owns only what the optimizer trains,
 the `QueryEncoder` (backbone + head), and runs all query passes in one forward call so
 one backward follows. `MoCo` owns the momentum (key) encoder and the queue as buffers;
-they are not trained, are updated from `engine.module`, and travel in the checkpoint's
-client state (SPEC §8).
+they are not trained, are updated from `engine.module` (the weights DeepSpeed trains), and
+travel in the checkpoint's client state (DeepSpeed saves only the engine's module).
 
 Every loss term is a cross-entropy over `[q·k+, q·queue]/τ` with its own positive. All
 query rows of a step (original, Un-Mix, MixMask) are stacked into one `soft_infonce` call
@@ -199,7 +199,7 @@ def build_moco(cfg: RunConfig, rank: int, world_size: int) -> tuple[QueryEncoder
     """Query encoder (to hand to DeepSpeed) and the MoCo wrapper (key encoder, queue, loss).
 
     BatchNorm: shuffle-BN across ranks when world_size > 1, else SplitBatchNorm(bn_splits)
-    to emulate it on one process (SPEC §1)."""
+    to emulate it on one process (as MoCo's official CIFAR-10 demo does)."""
     query = build_query_encoder(cfg)
     if world_size == 1 or not cfg.model.shuffle_bn:
         convert_to_split_bn(query, cfg.model.bn_splits)

@@ -1,4 +1,4 @@
-"""SimCLR (Chen et al., 2020) with the MixMask / Un-Mix branches (SPEC §1 "other frameworks").
+"""SimCLR (Chen et al., 2020) with the MixMask / Un-Mix branches (soft pairing: see methods.losses).
 
 NT-Xent over the in-batch set [z_a; z_b] of 2N L2-normalized embeddings (N = global batch,
 gathered over ranks with gradient), each row's own embedding excluded from its

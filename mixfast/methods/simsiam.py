@@ -1,4 +1,4 @@
-"""SimSiam (Chen & He, 2021) with the MixMask / Un-Mix branches (SPEC §1 "other frameworks").
+"""SimSiam (Chen & He, 2021) with the MixMask / Un-Mix branches (soft pairing: see methods.losses).
 
     L = ½·D(p1, sg z2) + ½·D(p2, sg z1)
       + Σ_branches mean_i [ λ_i·D(p_m,i, sg z2_i) + (1-λ_i)·D(p_m,i, sg z2_π(i)) ]

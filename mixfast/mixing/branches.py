@@ -1,4 +1,4 @@
-"""This step's mixed branches of one view, for any framework (SPEC §1 policy).
+"""This step's mixed branches of one view, for any framework (the MixMask paper's policy).
 
 A branch is a batch of mixed images plus its soft pairing: row i is scored against the
 target of its own image with weight `weight_own[i]` (λ) and against the target of its

@@ -1,4 +1,4 @@
-"""MixMask sampling policy (SPEC §1): which mask, which ratio, which partner.
+"""MixMask sampling policy (MixMask paper, Vishniakov et al.): which mask, which ratio, which partner.
 
 The tensor work (mask generation, upsampling, mixing, λ) is `mixfast.ops`; this module only
 decides what to ask for. One mask per batch by default (the reference code), per sample
@@ -55,9 +55,10 @@ class MixMaskMixer:
         return MaskedBatch(mixed, masks, perm, lam, own, filler)
 
     def with_unmix(self, x: torch.Tensor, step: int, unmixer: UnMixer) -> tuple[MaskedBatch, UnMixedBatch]:
-        """Both branches of one step (SPEC §1: MixMask takes a fresh permutation, Un-Mix keeps
-        flip). With image filling both mixtures come from one pass over `x`
-        (`ops.mix_and_unmix`), bit-identical to the two separate ops."""
+        """Both branches of one step. MixMask takes a fresh random permutation, Un-Mix keeps
+        flip (MixMask paper, Table 2: different permutations in the two branches do better).
+        With image filling both mixtures come from one pass over `x` (`ops.mix_and_unmix`),
+        bit-identical to the two separate ops."""
         if self.cfg.fill != "image":
             return self(x, step, random_partner=True), unmixer(x, step)
         b = x.size(0)
@@ -87,7 +88,8 @@ class MixMaskMixer:
         else:
             masks = ops.make_masks(b if self.cfg.per_sample else 1, mask_args["grid"], mask_args["ratio"],
                                    mask_args["kind"], seed=mask_args["seed"], step=step, device=x.device)
-            # Erase baselines (MSCN): no partner image, so no switch term, and λ = 1 (SPEC §1).
+            # Erase baselines (MSCN, the MixMask paper's comparison): no partner image, so no
+            # switch term, and every row is scored only against its own key (weight 1).
             if self.cfg.fill == "zero":
                 filler_img = torch.zeros_like(x)
             else:

@@ -1,5 +1,5 @@
-"""Un-Mix sampling policy (SPEC §2): λ ~ Beta(α, α); mixup with probability P, else CutMix;
-partner = flip. The pixel work is `mixfast.ops.unmix`."""
+"""Un-Mix sampling policy (Un-Mix, Shen et al.): λ ~ Beta(α, α); mixup with probability P,
+else CutMix; partner = flip. The pixel work is `mixfast.ops.unmix`."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """torchvision ResNet backbones with an optional CIFAR stem and a width multiplier.
 
 The blocks, layer layout and weight init are torchvision's own; we only change the stem
-(SPEC §1: 3x3 stride-1 conv1 and no max-pool for 32/64-pixel images) and, for fast CPU
-demos, the channel width of every stage. The classifier is removed: the backbone returns
-the pooled feature vector, and `export_torchvision_state_dict` writes weights that load
-into `torchvision.models.resnetXX()` (width 64) with `strict=False` (no `fc`).
+(3x3 stride-1 conv1 and no max-pool for 32/64-pixel images, as MoCo's official CIFAR-10
+demo does) and, for fast CPU demos, the channel width of every stage. The classifier is
+removed: the backbone returns the pooled feature vector, and `export_torchvision_state_dict`
+writes weights that load into `torchvision.models.resnetXX()` (width 64) with
+`strict=False` (no `fc`).
 """
 
 from __future__ import annotations

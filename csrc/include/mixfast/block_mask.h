@@ -1,6 +1,7 @@
-// MixMask grid masks (SPEC §1) as a pure function of (key, sample): the BEiT block
-// generator and the i.i.d. "discrete" generator, shared by the CPU and CUDA kernels and
-// mirrored step by step in kernels/mix.py (Triton) and mixfast/ops/reference.py.
+// MixMask grid masks (MixMask paper, Vishniakov et al.: a g x g binary grid, 1 = keep the
+// image, 0 = take the filler) as a pure function of (key, sample): the BEiT block generator
+// and the i.i.d. "discrete" generator, shared by the CPU and CUDA kernels and mirrored step
+// by step in kernels/mix.py (Triton) and mixfast/ops/reference.py.
 //
 // Randomness: Philox4x32-10 keyed by the (seed, step) key, counter (draw, sample, kind, 0).
 // One draw gives four words. A block attempt uses one draw: word x -> area, y -> aspect,
