@@ -1,6 +1,7 @@
 """Loading of the native module ``mixfast._C`` and the glue between tensors and its
-raw-pointer API (DESIGN.md: kernels take raw pointers, sizes, strides, dtype codes and a
-stream handle; Python validates the tensors).
+raw-pointer API: kernels take raw pointers, sizes, strides, dtype codes and a stream handle,
+and Python validates the tensors (so the module needs no torch C++ ABI: one build works with
+the CPU torch wheel and across torch versions).
 
 Nothing here imports ``mixfast._C`` at import time: ``native()`` loads it on first use and
 remembers why it failed, so a checkout without a build still runs every torch path.

@@ -264,7 +264,7 @@ def mix(
     filler: Optional[Tensor] = None,
     validate: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
-    """MixMask mixing (SPEC §1): ``(mixed, switch or None, lam)``; contract of
+    """MixMask mixing: ``(mixed, switch or None, lam)``; contract of
     :func:`mixfast.ops.reference.mix` (selection, so every pixel is bit-exact; outputs keep
     x's dtype and memory format; ``lam`` float32 ``[1]`` or ``[B]``).
 
@@ -339,7 +339,7 @@ def unmix(
     use_mixup: bool,
     box: Optional[Tuple[int, int, int, int]] = None,
 ) -> Tuple[Tensor, float]:
-    """Un-Mix with the flip partner (SPEC §2): ``(x_um, lam_effective)``; contract of
+    """Un-Mix with the flip partner: ``(x_um, lam_effective)``; contract of
     :func:`mixfast.ops.reference.unmix` (mixup in float32 rounded once to x's dtype;
     CutMix pastes ``flip(x)`` inside ``box``, drawn by :func:`rand_bbox` when ``None``)."""
     _check_x("unmix", x)
@@ -374,7 +374,8 @@ def mix_and_unmix(
     ``x``: ``(mixed, switch or None, lam_mixmask, x_unmix, lam_unmix_effective)``.
 
     Identical to ``mix(x, masks, perm, want_switch)`` and ``unmix(x, lam_unmix, use_mixup,
-    box)`` (SPEC §1: with both on, MixMask takes a fresh permutation and Un-Mix keeps flip).
+    box)`` (with both on, MixMask takes a fresh permutation and Un-Mix keeps flip: MixMask
+    paper, Table 2).
     ``validate``: as in :func:`mix`.
     """
     _check_x("mix_and_unmix", x)

@@ -2,8 +2,9 @@
 
 This module is the *specification* that faster backends (native / Triton kernels) are
 tested against. Everything here favours clarity over speed, works in float64 where that
-makes sense, and states the math it computes in its docstring. See ``/work/shared/SPEC.md``
-§1 (MixMask) and §2 (Un-Mix).
+makes sense, and states the math it computes in its docstring: MixMask (Vishniakov et al.:
+filling-based block masks, the switch image and λ) and Un-Mix (Shen et al.: mixup / CutMix
+with the flipped batch).
 
 Conventions
 -----------
@@ -48,7 +49,7 @@ _MAX_GRID = 64
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 
-# BEiT block-masking constants (SPEC §1).
+# BEiT block-masking constants (BEiT's masking generator, as the MixMask code uses it).
 _BLOCK_MIN_PATCHES = 4
 _BLOCK_ATTEMPTS = 10
 # Redraws of an all-0 / all-1 mask before a fixed fallback (never reached in practice;
@@ -227,7 +228,7 @@ def _block_candidate(spec: MaskSpec, sample: int, draw: int, rem: int) -> Tuple[
 
 
 def block_mask_rows(spec: MaskSpec, sample: int) -> List[int]:
-    """BEiT block mask (SPEC §1) of ``sample``: ``g`` row bitmasks (bit ``c`` of row ``r`` =
+    """BEiT block mask (MixMask's "block" pattern) of ``sample``: ``g`` row bitmasks (bit ``c`` of row ``r`` =
     cell ``(r, c)``) with at most ``num`` ones.
 
     ``while count < num``: add one block -- up to 10 attempts (each one Philox draw, the
@@ -403,7 +404,7 @@ def mix(
     *,
     filler: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """MixMask mixing (SPEC §1): returns ``(mixed, switch or None, lam)``.
+    """MixMask mixing (filling, the paper's Eq. 1-2): returns ``(mixed, switch or None, lam)``.
 
     With ``m`` the mask upsampled to ``H x W`` (:func:`upsample_masks`), broadcast over
     channels (and over the batch when ``masks`` is ``[1, g, g]``; per sample when it is
@@ -480,7 +481,7 @@ def mix(
 
 
 def rand_bbox(H: int, W: int, lam: float, generator: Optional[torch.Generator] = None) -> Tuple[int, int, int, int]:
-    """CutMix box (SPEC §2, Un-Mix / CutMix reference code). Returns ``(y1, y2, x1, x2)``.
+    """CutMix box (as the Un-Mix and CutMix reference code draw it). Returns ``(y1, y2, x1, x2)``.
 
     ``cut = sqrt(1 - lam)``, ``cw = int(W*cut)``, ``ch = int(H*cut)``; centre
     ``cx ~ randint(0, W-1)`` then ``cy ~ randint(0, H-1)`` (uniform, ``torch.randint`` with
@@ -511,7 +512,7 @@ def unmix(
     use_mixup: bool,
     box: Optional[Tuple[int, int, int, int]] = None,
 ) -> Tuple[torch.Tensor, float]:
-    """Un-Mix image mixture with the flip partner (SPEC §2). Returns ``(x_um, lam_effective)``.
+    """Un-Mix image mixture with the flip partner (Shen et al.). Returns ``(x_um, lam_effective)``.
 
     Partner: ``flip(x)_i = x_{B-1-i}`` (for odd B the middle image pairs with itself).
 
