@@ -65,74 +65,24 @@ def _pick(op: str, device: torch.device, dtype: torch.dtype):
 
 
 # ---------------------------------------------------------------------------------------
-# validation (structural checks here; value checks of perm inside the ops)
+# validation: the reference's checks (one set for the spec and every backend) plus the
+# kernels' own limits
 # ---------------------------------------------------------------------------------------
 
 
-def _desc(t) -> str:
-    return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else repr(type(t))
-
-
 def _check_x(op: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{op}: x must be a tensor, got {type(x)!r}")
-    if x.dim() != 4:
-        raise ValueError(f"{op}: x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{op}: x must be floating point, got dtype {x.dtype}")
+    ref.check_image_batch(op, x)
     if x.numel() == 0:
         raise ValueError(f"{op}: x must not be empty, got shape {tuple(x.shape)}")
 
 
-def _check_perm(op: str, perm, B: int, device: torch.device, validate: bool = True) -> None:
-    """Type, shape and device always; the values too when ``validate`` (see _check_perm_values)."""
-    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1 or perm.numel() != B:
-        raise ValueError(f"{op}: perm must be a 1-D int64 tensor of length B={B}, got {_desc(perm)}")
-    if perm.device != device:
-        raise ValueError(f"{op}: perm must be on x's device {device}, got {perm.device}")
-    if validate and not torch.compiler.is_compiling():
-        _check_perm_values(op, perm)
-
-
-def _check_masks(op: str, masks, B: int) -> None:
-    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
-        raise ValueError(f"{op}: masks must be a torch.bool tensor, got "
-                         + (str(masks.dtype) if isinstance(masks, torch.Tensor) else repr(type(masks))))
-    if masks.dim() != 3 or masks.shape[0] not in (1, B) or masks.shape[1] != masks.shape[2]:
-        raise ValueError(f"{op}: masks must have shape [1, g, g] or [B={B}, g, g], got {tuple(masks.shape)}")
+def _check_kernel_masks(op: str, masks) -> None:
+    """The kernels take square grids of 2..64 cells (a mask row is one 64-bit word)."""
+    if masks.shape[1] != masks.shape[2]:
+        raise ValueError(f"{op}: masks must have shape [1, g, g] or [B, g, g], got {tuple(masks.shape)}")
     g = masks.shape[1]
     if not (2 <= g <= 64):
         raise ValueError(f"{op}: masks grid g must be in [2, 64], got g={g}")
-
-
-def _check_lam(op: str, lam) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
-        raise ValueError(f"{op}: lam must be a number in [0, 1], got lam={lam!r}")
-    return float(lam)
-
-
-def _check_box(op: str, box, H: int, W: int) -> Tuple[int, int, int, int]:
-    if not isinstance(box, (tuple, list)) or len(box) != 4 or not all(ref._is_int(v) for v in box):
-        raise ValueError(f"{op}: box must be a tuple of 4 ints (y1, y2, x1, x2), got {box!r}")
-    y1, y2, x1, x2 = box
-    if not (0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W):
-        raise ValueError(f"{op}: box must satisfy 0<=y1<=y2<=H={H} and 0<=x1<=x2<=W={W}, got {tuple(box)!r}")
-    return int(y1), int(y2), int(x1), int(x2)
-
-
-def _check_perm_values(op: str, perm: Tensor) -> None:
-    """perm must be a permutation of range(B): a ValueError otherwise, on every backend.
-
-    The check reads perm on the host: free for a CPU tensor, a device sync for a GPU one
-    (never a device-side assert, which would leave the CUDA context unusable). Callers that
-    drew the permutation themselves (the mixers, with ``torch.randperm``) pass
-    ``validate=False`` to the public ops and skip it: nothing is checked on the hot path
-    that the library produced itself."""
-    B = perm.numel()
-    host = perm.detach().cpu()
-    if not torch.equal(torch.sort(host).values, torch.arange(B)):
-        shown = host.tolist() if B <= 16 else host[:16].tolist() + ["..."]
-        raise ValueError(f"{op}: perm must be a permutation of range({B}), got {shown}")
 
 
 def _i64(v: int) -> int:
@@ -272,23 +222,10 @@ def mix(
     tensor) for a permutation the caller drew itself; a ``perm`` that is not a permutation of
     ``range(B)`` is then undefined behaviour."""
     _check_x("mix", x)
-    B = x.shape[0]
-    _check_masks("mix", masks, B)
+    ref.check_mix_args("mix", x, masks, perm, filler, want_switch, validate)
+    _check_kernel_masks("mix", masks)
     if filler is not None:
-        if want_switch:
-            raise ValueError("mix: want_switch=True is not allowed with a filler (erase baselines have no switch)")
-        if not isinstance(filler, torch.Tensor) or filler.shape != x.shape or filler.dtype != x.dtype:
-            raise ValueError(f"mix: filler must be a tensor shaped like x {tuple(x.shape)} with dtype {x.dtype}, "
-                             f"got {_desc(filler)}")
-        if filler.device != x.device:
-            raise ValueError(f"mix: filler must be on x's device {x.device}, got {filler.device}")
-        if perm is not None:
-            _check_perm("mix", perm, B, x.device, validate)
         perm = None  # checked but ignored with a filler (as in the reference)
-    elif perm is None:
-        raise ValueError("mix: perm is required unless a filler is given")
-    else:
-        _check_perm("mix", perm, B, x.device, validate)
     if _needs_grad(x, filler):
         return ref.mix(x, masks, perm, want_switch, filler=filler)
     mixed, switch, lam = _call(_mix_op, _mix_impl, x, masks, perm, filler, bool(want_switch))
@@ -321,7 +258,7 @@ def make_masks_and_mix(
     B = x.shape[0]
     ref.check_make_masks_args(B if per_sample else 1, grid, ratio, kind, seed, step)
     if perm is not None:
-        _check_perm("make_masks_and_mix", perm, B, x.device, validate)
+        ref.check_perm("make_masks_and_mix", perm, B, x.device, validate)
     if _needs_grad(x):
         masks = to_device(ref.make_masks(B if per_sample else 1, grid, ratio, kind, seed=seed, step=step), x.device)
         perm_t = perm if perm is not None else torch.arange(B - 1, -1, -1, device=x.device)
@@ -343,17 +280,9 @@ def unmix(
     :func:`mixfast.ops.reference.unmix` (mixup in float32 rounded once to x's dtype;
     CutMix pastes ``flip(x)`` inside ``box``, drawn by :func:`rand_bbox` when ``None``)."""
     _check_x("unmix", x)
-    lam = _check_lam("unmix", lam)
-    B, C, H, W = x.shape
-    if use_mixup:
-        if box is not None:
-            raise ValueError("unmix: box is only meaningful for CutMix (use_mixup=False)")
-        box_t = (0, 0, 0, 0)
-        lam_eff = lam
-    else:
-        box_t = _check_box("unmix", box if box is not None else rand_bbox(H, W, lam), H, W)
-        y1, y2, x1, x2 = box_t
-        lam_eff = 1.0 - ((y2 - y1) * (x2 - x1)) / float(H * W)
+    lam = ref.check_lam("unmix", lam)
+    box, lam_eff = ref.check_unmix_box("unmix", box, use_mixup, lam, x.shape[2], x.shape[3])
+    box_t = box or (0, 0, 0, 0)  # the custom op's schema has no optional box
     if _needs_grad(x):
         return ref.unmix(x, lam, use_mixup, box=None if use_mixup else box_t)
     return _call(_unmix_op, _unmix_impl, x, lam, bool(use_mixup), *box_t), lam_eff
@@ -379,18 +308,13 @@ def mix_and_unmix(
     ``validate``: as in :func:`mix`.
     """
     _check_x("mix_and_unmix", x)
-    B, C, H, W = x.shape
-    _check_masks("mix_and_unmix", masks, B)
-    _check_perm("mix_and_unmix", perm, B, x.device, validate)
-    lam_unmix = _check_lam("mix_and_unmix", lam_unmix)
-    if use_mixup:
-        if box is not None:
-            raise ValueError("mix_and_unmix: box is only meaningful for CutMix (use_mixup=False)")
-        box_t, lam_eff = (0, 0, 0, 0), lam_unmix
-    else:
-        box_t = _check_box("mix_and_unmix", box if box is not None else rand_bbox(H, W, lam_unmix), H, W)
-        y1, y2, x1, x2 = box_t
-        lam_eff = 1.0 - ((y2 - y1) * (x2 - x1)) / float(H * W)
+    if perm is None:
+        raise ValueError("mix_and_unmix: perm is required")
+    ref.check_mix_args("mix_and_unmix", x, masks, perm, None, want_switch, validate)
+    _check_kernel_masks("mix_and_unmix", masks)
+    lam_unmix = ref.check_lam("mix_and_unmix", lam_unmix)
+    box, lam_eff = ref.check_unmix_box("mix_and_unmix", box, use_mixup, lam_unmix, x.shape[2], x.shape[3])
+    box_t = box or (0, 0, 0, 0)
     if _needs_grad(x):
         mixed, switch, lam_m = ref.mix(x, masks, perm, want_switch)
         return mixed, switch, lam_m, ref.unmix(x, lam_unmix, use_mixup, box=None if use_mixup else box_t)[0], lam_eff

@@ -387,13 +387,94 @@ def upsample_masks(masks: torch.Tensor, H: int, W: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _check_image_batch(fn: str, x) -> None:
+# --- argument checks, shared by the reference and the fused ops (mixfast/ops/mix.py) -----------
+
+
+def _describe(t) -> str:
+    return f"{t.dtype} of shape {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else repr(type(t))
+
+
+def check_image_batch(op: str, x) -> None:
+    """x is a 4-D floating tensor [B, C, H, W]."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{fn}: x must be a tensor, got {type(x)!r}")
+        raise ValueError(f"{op}: x must be a tensor, got {type(x)!r}")
     if x.dim() != 4:
-        raise ValueError(f"{fn}: x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"{fn}: x must be floating point, got dtype {x.dtype}")
+        raise ValueError(f"{op}: x must be floating point, got dtype {x.dtype}")
+
+
+def check_masks(op: str, masks, B: int) -> None:
+    """masks is a bool tensor [1 or B, g, g'] (one mask per batch, or per sample)."""
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+        raise ValueError(f"{op}: masks must be a torch.bool tensor, got "
+                         + (str(masks.dtype) if isinstance(masks, torch.Tensor) else repr(type(masks))))
+    if masks.dim() != 3 or masks.shape[0] not in (1, B):
+        raise ValueError(f"{op}: masks must have shape [1, g, g] or [B={B}, g, g], got {tuple(masks.shape)}")
+
+
+def check_perm(op: str, perm, B: int, device: torch.device, validate: bool = True) -> None:
+    """perm is a 1-D int64 tensor of length B on x's device and, when `validate`, a permutation of range(B).
+
+    The value check reads perm on the host: free for a CPU tensor, a device sync for a GPU one, and never a
+    device-side assert (which would leave the CUDA context unusable). Callers that drew the permutation themselves
+    (with torch.randperm) skip it with validate=False."""
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1 or perm.numel() != B:
+        raise ValueError(f"{op}: perm must be a 1-D int64 tensor of length B={B}, got {_describe(perm)}")
+    if perm.device != device:
+        raise ValueError(f"{op}: perm must be on x's device {device}, got {perm.device}")
+    if validate and not torch.compiler.is_compiling():
+        host = perm.detach().cpu()
+        if not torch.equal(torch.sort(host).values, torch.arange(B)):
+            shown = host.tolist() if B <= 16 else host[:16].tolist() + ["..."]
+            raise ValueError(f"{op}: perm must be a permutation of range({B}), got {shown}")
+
+
+def check_filler(op: str, filler, x: torch.Tensor, want_switch: bool) -> None:
+    """An erase baseline's filler: shaped, typed and placed like x; no switch image with it."""
+    if want_switch:
+        raise ValueError(f"{op}: want_switch=True is not allowed with a filler (erase baselines have no switch)")
+    if not isinstance(filler, torch.Tensor) or filler.shape != x.shape or filler.dtype != x.dtype:
+        raise ValueError(f"{op}: filler must be a tensor shaped like x {tuple(x.shape)} with dtype {x.dtype}, "
+                         f"got {_describe(filler)}")
+    if filler.device != x.device:
+        raise ValueError(f"{op}: filler must be on x's device {x.device}, got {filler.device}")
+
+
+def check_mix_args(op: str, x, masks, perm, filler, want_switch: bool, validate: bool = True) -> None:
+    """Every check of :func:`mix`'s arguments (perm is required unless a filler is given)."""
+    check_image_batch(op, x)
+    B = x.shape[0]
+    check_masks(op, masks, B)
+    if filler is not None:
+        check_filler(op, filler, x, want_switch)
+    elif perm is None:
+        raise ValueError(f"{op}: perm is required unless a filler is given")
+    if perm is not None:
+        check_perm(op, perm, B, x.device, validate)
+
+
+def check_lam(op: str, lam) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
+        raise ValueError(f"{op}: lam must be a number in [0, 1], got lam={lam!r}")
+    return float(lam)
+
+
+def check_unmix_box(op: str, box, use_mixup: bool, lam: float, H: int, W: int):
+    """(box, lam_effective) of Un-Mix: no box for mixup (lam_effective = lam); for CutMix the given box, checked,
+    or one drawn by :func:`rand_bbox`, and lam_effective = 1 - box area / (H W)."""
+    if use_mixup:
+        if box is not None:
+            raise ValueError(f"{op}: box is only meaningful for CutMix (use_mixup=False)")
+        return None, lam
+    if box is None:
+        box = rand_bbox(H, W, lam)
+    if not isinstance(box, (tuple, list)) or len(box) != 4 or not all(_is_int(v) for v in box):
+        raise ValueError(f"{op}: box must be a tuple of 4 ints (y1, y2, x1, x2), got {box!r}")
+    y1, y2, x1, x2 = (int(v) for v in box)
+    if not (0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W):
+        raise ValueError(f"{op}: box must satisfy 0<=y1<=y2<=H={H} and 0<=x1<=x2<=W={W}, got {tuple(box)!r}")
+    return (y1, y2, x1, x2), 1.0 - ((y2 - y1) * (x2 - x1)) / float(H * W)
 
 
 def mix(
@@ -431,38 +512,10 @@ def mix(
     B; ``perm`` a 1-D int64 permutation of ``range(B)`` on ``x``'s device. ``masks`` may
     live on the CPU; they are moved to ``x``'s device.
     """
-    _check_image_batch("mix", x)
+    check_mix_args("mix", x, masks, perm, filler, want_switch)
     B, C, H, W = x.shape
-    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
-        raise ValueError(
-            "mix: masks must be a torch.bool tensor, got "
-            + (str(masks.dtype) if isinstance(masks, torch.Tensor) else repr(type(masks)))
-        )
-    if masks.dim() != 3 or masks.shape[0] not in (1, B):
-        raise ValueError(f"mix: masks must have shape [1, g, g] or [B={B}, g, g], got {tuple(masks.shape)}")
     if filler is not None:
-        if want_switch:
-            raise ValueError("mix: want_switch=True is not allowed with a filler (erase baselines have no switch)")
-        if not isinstance(filler, torch.Tensor) or filler.shape != x.shape or filler.dtype != x.dtype:
-            raise ValueError(
-                f"mix: filler must be a tensor shaped like x {tuple(x.shape)} with dtype {x.dtype}, got "
-                + (f"{tuple(filler.shape)} {filler.dtype}" if isinstance(filler, torch.Tensor) else repr(type(filler)))
-            )
-        if filler.device != x.device:
-            raise ValueError(f"mix: filler must be on x's device {x.device}, got {filler.device}")
-    if perm is None:
-        if filler is None:
-            raise ValueError("mix: perm is required unless a filler is given")
-    else:
-        if not isinstance(perm, torch.Tensor) or perm.dtype != torch.long or perm.dim() != 1 or perm.numel() != B:
-            raise ValueError(
-                f"mix: perm must be a 1-D int64 tensor of length B={B}, got "
-                + (f"{perm.dtype} of shape {tuple(perm.shape)}" if isinstance(perm, torch.Tensor) else repr(type(perm)))
-            )
-        if perm.device != x.device:
-            raise ValueError(f"mix: perm must be on x's device {x.device}, got {perm.device}")
-        if not torch.equal(torch.sort(perm).values, torch.arange(B, device=perm.device)):
-            raise ValueError(f"mix: perm must be a permutation of range({B}), got {perm.tolist()}")
+        perm = None  # ignored with a filler
 
     fmt = _memory_format(x)
     f = filler if filler is not None else x[perm]
@@ -525,29 +578,19 @@ def unmix(
 
     ``x_um`` keeps ``x``'s dtype and memory format. ``lam_effective`` is a Python float.
     """
-    _check_image_batch("unmix", x)
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= float(lam) <= 1.0):
-        raise ValueError(f"unmix: lam must be a number in [0, 1], got lam={lam!r}")
-    lam = float(lam)
+    check_image_batch("unmix", x)
+    lam = check_lam("unmix", lam)
     B, C, H, W = x.shape
     fmt = _memory_format(x)
     partner = x.flip(0)
+    box, lam_eff = check_unmix_box("unmix", box, use_mixup, lam, H, W)
     if use_mixup:
-        if box is not None:
-            raise ValueError("unmix: box is only meaningful for CutMix (use_mixup=False)")
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         out = lam * x.to(acc) + (1.0 - lam) * partner.to(acc)
         return out.to(x.dtype).contiguous(memory_format=fmt), lam
-    if box is None:
-        box = rand_bbox(H, W, lam)
-    if not isinstance(box, (tuple, list)) or len(box) != 4 or not all(_is_int(v) for v in box):
-        raise ValueError(f"unmix: box must be a tuple of 4 ints (y1, y2, x1, x2), got {box!r}")
     y1, y2, x1, x2 = box
-    if not (0 <= y1 <= y2 <= H and 0 <= x1 <= x2 <= W):
-        raise ValueError(f"unmix: box must satisfy 0<=y1<=y2<=H={H} and 0<=x1<=x2<=W={W}, got {box!r}")
     out = x.clone().contiguous(memory_format=fmt)
     out[:, :, y1:y2, x1:x2] = partner[:, :, y1:y2, x1:x2]
-    lam_eff = 1.0 - ((y2 - y1) * (x2 - x1)) / float(H * W)
     return out, lam_eff
 
 
