@@ -300,11 +300,11 @@ def lse_launch(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tens
     per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
     part_max = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
     part_sum = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
-    launch = Launch(_lse_partials_kernel, (row_blocks, n_splits), (
-        q, cols, exclude if exclude is not None else q, part_max, part_sum, M, N, q.stride(0), cols.stride(0), per,
-        scale * _LOG2E), dict(D=q.shape[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-                              BLOCK_K=cfg["BLOCK_K"], HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"],
-                              **cfg["launch"]))
+    launch = Launch(_lse_partials_kernel, (row_blocks, n_splits), (), dict(
+        Q=q, C=cols, EXCL=exclude if exclude is not None else q, PART_MAX=part_max, PART_SUM=part_sum, M=M, N=N,
+        stride_q=q.stride(0), stride_c=cols.stride(0), cols_per_split=per, scale_log2=scale * _LOG2E,
+        D=q.shape[1], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"],
+        HAS_EXCL=exclude is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"]))
     return part_max, part_sum, launch
 
 
@@ -332,26 +332,27 @@ def grad_launches(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.T
                  BLOCK_D=cfg["BLOCK_D"], BLOCK_K=cfg["BLOCK_K"], HAS_EXCL=in_denom and exclude is not None,
                  IN_DENOM=in_denom, HAS_POS=pos is not None, DOT_F32=cfg["DOT_F32"], **cfg["launch"])
     dummy = torch.empty(1, dtype=torch.float32, device=q.device)
-    args = (exclude if exclude is not None else q,
-            lse_.float().mul(_LOG2E) if in_denom else dummy,
-            gl.float().contiguous() if in_denom else dummy,
-            pos if pos is not None else q,
-            gs.float().contiguous() if pos is not None else dummy)
+    args = dict(Q=q, C=cols, EXCL=exclude if exclude is not None else q,
+                LSE2=lse_.float().mul(_LOG2E) if in_denom else dummy,
+                GL=gl.float().contiguous() if in_denom else dummy,
+                POS=pos if pos is not None else q,
+                GS=gs.float().contiguous() if pos is not None else dummy,
+                M=M, N=N, stride_q=q.stride(0), stride_c=cols.stride(0), scale_log2=scale * _LOG2E, scale=scale)
     launches = {}
     if need_dq:
         row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
         n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
         per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
         part = torch.empty((n_splits, M, D), dtype=torch.float32, device=q.device)
-        launches["grad_q"] = part, Launch(_grad_q_kernel, (row_blocks, n_splits), (
-            q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per, scale * _LOG2E, scale), flags)
+        launches["grad_q"] = part, Launch(_grad_q_kernel, (row_blocks, n_splits), (),
+                                          dict(**args, PART_DQ=part, cols_per_split=per, **flags))
     if need_dcols:
         col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
         n_splits = _num_splits(col_blocks, triton.cdiv(M, cfg["BLOCK_M"]), q.device, splits)
         per, n_splits = _split_length(M, cfg["BLOCK_M"], n_splits)
         part = torch.empty((n_splits, N, D), dtype=torch.float32, device=q.device)
-        launches["grad_cols"] = part, Launch(_grad_cols_kernel, (col_blocks, n_splits), (
-            q, cols, *args, part, M, N, q.stride(0), cols.stride(0), per, scale * _LOG2E, scale), flags)
+        launches["grad_cols"] = part, Launch(_grad_cols_kernel, (col_blocks, n_splits), (),
+                                             dict(**args, PART_DC=part, rows_per_split=per, **flags))
     return launches
 
 

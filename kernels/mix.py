@@ -563,10 +563,9 @@ def philox(counters: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
 
 def make_masks_launch(spec, out: torch.Tensor) -> Launch:
     n = out.shape[0]
-    return Launch(_make_masks_kernel, (n,),
-                  (out, _i32(spec.key0), _i32(spec.key1), spec.grid, spec.kind, spec.num, spec.min_patches,
-                   spec.threshold24),
-                  dict(GP=_gp(spec.grid), **_launch_opts(out.device)))
+    return Launch(_make_masks_kernel, (n,), (), dict(
+        out=out, k0=_i32(spec.key0), k1=_i32(spec.key1), g=spec.grid, kind=spec.kind, num=spec.num,
+        min_patches=spec.min_patches, threshold24=spec.threshold24, GP=_gp(spec.grid), **_launch_opts(out.device)))
 
 
 def make_masks(spec, n: int, device) -> torch.Tensor:
@@ -593,13 +592,16 @@ def mix_launch(x, *, masks, spec, n_masks: int, grid: int, perm, filler, want_sw
         ff, fbs = per_image_dense(filler, fmt)  # the filler in x's layout
     else:
         ff, fbs = xx, xbs
-    s = spec
-    perm_arg = perm.contiguous() if perm is not None else lam  # unused when pairing or with a filler
-    launch = Launch(_mix_kernel, (_programs(units * chunks, x.device),), (
-        _bits(xx), _bits(ff), perm_arg, _bits(mixed), _bits(switch) if want_switch else _bits(mixed), mbuf, lam,
-        B, C, H, W, xbs, fbs, units, chunks, grid, _scale(grid, H), _scale(grid, W),
-        _i32(s.key0) if s else 0, _i32(s.key1) if s else 0, s.kind if s else 0, s.num if s else 1,
-        s.min_patches if s else 1, s.threshold24 if s else 1), dict(
+    # the mask generator's scalars (unused when the masks are given)
+    draw = (dict(k0=_i32(spec.key0), k1=_i32(spec.key1), kind=spec.kind, num=spec.num, min_patches=spec.min_patches,
+                 threshold24=spec.threshold24) if spec else dict(k0=0, k1=0, kind=0, num=1, min_patches=1,
+                                                                  threshold24=1))
+    launch = Launch(_mix_kernel, (_programs(units * chunks, x.device),), (), dict(
+        x=_bits(xx), fill=_bits(ff),
+        perm=perm.contiguous() if perm is not None else lam,  # not read when pairing or with a filler
+        mixed=_bits(mixed), switch=_bits(switch) if want_switch else _bits(mixed), mbuf=mbuf, lam_ptr=lam,
+        N=B, C=C, H=H, W=W, x_bs=xbs, f_bs=fbs, units=units, chunks=chunks, g=grid, sy=_scale(grid, H),
+        sx=_scale(grid, W), **draw,
         PAIR=pair, HAS_FILLER=filler is not None, WANT_SWITCH=want_switch, GENERATE=generate,
         PER_SAMPLE=n_masks > 1, CHANNELS_LAST=cl, GP=_gp(grid), BLOCK_E=BLOCK, BLOCK_HW=64,
         ALIGNED=_aligned(C * H * W, xbs, fbs), **_launch_opts(x.device)))
@@ -627,10 +629,11 @@ def unmix_launch(x, *, lam: float, use_mixup: bool, box):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     chunks = triton.cdiv(C * H * W, BLOCK)
     y1, y2, x1, x2 = box
-    launch = Launch(_unmix_kernel, (_programs(((B + 1) // 2) * chunks, x.device),), (
-        _dt_view(xx), _dt_view(out), B, C, H, W, xbs, chunks, float(np.float32(lam)), float(np.float32(1.0 - lam)),
-        y1, y2, x1, x2), dict(MIXUP=use_mixup, DT=_DT[x.dtype], CHANNELS_LAST=cl, BLOCK_E=BLOCK,
-                              ALIGNED=_aligned(C * H * W, xbs), **_launch_opts(x.device)))
+    launch = Launch(_unmix_kernel, (_programs(((B + 1) // 2) * chunks, x.device),), (), dict(
+        x=_dt_view(xx), out=_dt_view(out), N=B, C=C, H=H, W=W, x_bs=xbs, chunks=chunks,
+        lam=float(np.float32(lam)), mu=float(np.float32(1.0 - lam)), y1=y1, y2=y2, x1=x1, x2=x2,
+        MIXUP=use_mixup, DT=_DT[x.dtype], CHANNELS_LAST=cl, BLOCK_E=BLOCK, ALIGNED=_aligned(C * H * W, xbs),
+        **_launch_opts(x.device)))
     return out, launch
 
 
@@ -652,10 +655,11 @@ def mix_and_unmix_launch(x, *, masks, perm, want_switch: bool, lam: float, use_m
     mbuf = masks.to(x.device).contiguous().view(torch.uint8)
     chunks = triton.cdiv(C * H * W, BLOCK)
     y1, y2, x1, x2 = box
-    launch = Launch(_mix_unmix_kernel, (_programs(((B + 1) // 2) * chunks, x.device),), (
-        _dt_view(xx), perm.contiguous(), _bits(mixed), _bits(switch) if want_switch else _bits(mixed), _dt_view(um),
-        mbuf, lam_m, B, C, H, W, xbs, chunks, g, _scale(g, H), _scale(g, W),
-        float(np.float32(lam)), float(np.float32(1.0 - lam)), y1, y2, x1, x2), dict(
+    launch = Launch(_mix_unmix_kernel, (_programs(((B + 1) // 2) * chunks, x.device),), (), dict(
+        x=_dt_view(xx), perm=perm.contiguous(), mixed=_bits(mixed),
+        switch=_bits(switch) if want_switch else _bits(mixed), um=_dt_view(um), mbuf=mbuf, lam_ptr=lam_m,
+        N=B, C=C, H=H, W=W, x_bs=xbs, chunks=chunks, g=g, sy=_scale(g, H), sx=_scale(g, W),
+        lam=float(np.float32(lam)), mu=float(np.float32(1.0 - lam)), y1=y1, y2=y2, x1=x1, x2=x2,
         WANT_SWITCH=want_switch, PER_SAMPLE=n > 1, MIXUP=use_mixup, DT=_DT[x.dtype], CHANNELS_LAST=cl, GP=_gp(g),
         BLOCK_E=BLOCK, BLOCK_HW=64, ALIGNED=_aligned(C * H * W, xbs), **_launch_opts(x.device)))
     return (mixed, switch, lam_m, um), launch

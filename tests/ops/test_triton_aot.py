@@ -107,7 +107,8 @@ def _covered(pairs):
         name = launch.kernel.fn.__name__
         for k, v in launch.kwargs.items():
             seen.setdefault((name, k), set()).add(v)
-        seen.setdefault((name, "data"), set()).add(launch.args[0].dtype)
+        data = launch.kwargs.get("x", launch.kwargs.get("out"))  # the images (the masks for make_masks)
+        seen.setdefault((name, "data"), set()).add(data.dtype)
     return seen
 
 
