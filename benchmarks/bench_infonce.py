@@ -1,11 +1,12 @@
-"""Benchmark of the fused soft-InfoNCE (issue #4) against the paper code's per-term loss.
+"""Benchmark of the fused soft-InfoNCE loss (mixfast.ops.soft_infonce) against the paper code's per-term loss and
+eager / compiled PyTorch: time, throughput against the device's limits, and peak extra memory.
 
     python benchmarks/bench_infonce.py                      # the default sweep for this machine
     python benchmarks/bench_infonce.py --m 768 --k 65536 --dtype bf16 --rows paper,eager,triton,cuda
-    python benchmarks/bench_infonce.py --item3              # CPU acceptance check: chunked vs eager at 768 x 65536
+    python benchmarks/bench_infonce.py --mode cpu-vs-eager-memory   # chunked vs eager on the CPU at 768 x 65536
 
 The problem is one MoCo step of MixMask + Un-Mix: B query rows of each of the original, Un-Mix and MixMask views
-(M = 3B rows), B keys, a queue of K keys, D = 128, tau = 0.2, the loss
+(M = 3B rows), B keys, a queue of K keys, D = 128 (--d), tau = 0.2, the loss
 
     CE(q, k) + lu CE(q_um, k) + (1-lu) CE(flip(q_um), k) + lm CE(q_mm, k) + (1-lm) CE(q_mm[argsort(perm)], k).
 
@@ -16,6 +17,15 @@ Rows:
   chunked  (d) mixfast.ops.soft_infonce, MIXFAST_BACKEND=cpu: chunked torch, nothing M x K
   triton   (e) MIXFAST_BACKEND=triton (GPU)
   cuda     (f) MIXFAST_BACKEND=cuda (GPU, mixfast._C built with CUDA)
+Rows (d)-(f) are the same public op; the backend of a row is set around its measurements, outside the timed calls.
+
+Modes (--mode):
+  sweep (default)      every row in --rows over M x K x dtype (default on a GPU: M in 64, 512, 768, 4096, K in 4096,
+                       65536, 262144, fp32 and bf16; on the CPU: M in 64, 512, 768, K in 4096, 65536, fp32)
+  cpu-vs-eager-memory  on the CPU, fp32, one problem (default M = 768, K = 65536): forward+backward of (d) chunked
+                       against (b) eager, interleaved repetitions; the ratio of their peak extra memory and of their
+                       times, and whether chunked needs at most 1/8 of eager's memory in at most 1.5x its time (the exit
+                       status is 1 when it does not)
 
 Columns: forward, backward (of a fresh forward) and forward+backward times (median, p20, p80 in ms); TFLOP/s from
 2*M*D*(K+B) flops forward and twice that backward; the time floor max(flops / measured matmul rate, bytes / measured
@@ -29,6 +39,9 @@ allocator statistics, so each row runs once more in a fresh subprocess: after a 
 mark is reset (/proc/self/clear_refs), and the peak RSS of one forward+backward above the RSS before it is reported.
 glibc's mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_) so freed large buffers are returned to the kernel and a
 later allocation cannot hide in memory the warm-up left resident.
+
+Prints the results; writes files only when asked: --results-file PATH (JSON and a CSV twin), --results-dir DIR
+(<benchmark>-<tag>.{json,csv}), --update-readme (the mode's section of benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -50,15 +63,15 @@ import torch.nn.functional as F
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import (Timing, add_repo_to_path, copy_timing, env_line, environment, mixfast_backend,
-                        render_table, time_fn, update_readme, write_results)
+    from common import (Timing, add_output_args, add_repo_to_path, copy_timing, env_line, environment,
+                        mixfast_backend, render_table, save_requested_results, time_fn, update_readme)
     add_repo_to_path()
 else:
-    from benchmarks.common import (Timing, copy_timing, env_line, environment, mixfast_backend, render_table, time_fn,
-                                   update_readme, write_results)
+    from benchmarks.common import (Timing, add_output_args, copy_timing, env_line, environment, mixfast_backend,
+                                   render_table, save_requested_results, time_fn, update_readme)
 
-from mixfast.ops import infonce, reference  # noqa: E402
-from mixfast.ops.infonce import soft_infonce  # noqa: E402
+from mixfast.ops import reference  # noqa: E402
+from mixfast.ops.infonce import backend_for, soft_infonce  # noqa: E402
 
 TAU = 0.2
 ROWS = ("paper", "eager", "compile", "chunked", "triton", "cuda")
@@ -68,6 +81,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # MIXFAST_BACKEND of the op rows: set around a row's measurements (the op reads it at every call), outside the
 # timed calls
 ROW_BACKEND = {"chunked": "cpu", "triton": "triton", "cuda": "cuda"}
+MODES = ("sweep", "cpu-vs-eager-memory")
+# The bar the chunked CPU path was built to clear in cpu-vs-eager-memory: at most this fraction of eager's peak
+# extra memory, in at most this multiple of eager's time.
+TARGET_MEMORY_RATIO = 1 / 8
+TARGET_TIME_RATIO = 1.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,14 +167,25 @@ def loss_op(p: Problem, q: torch.Tensor) -> torch.Tensor:
     return (p.weight * soft_infonce(q, p.keys, p.queue, p.pos, TAU)).sum() / p.b
 
 
-def row_available(row: str, device: torch.device) -> bool:
-    if row in ("paper", "eager", "compile"):
-        return True
-    if row == "chunked":
-        return device.type == "cpu"  # on a GPU `chunked` is only the fallback; not a row of interest
-    if row == "triton":
-        return device.type == "cuda" and infonce._triton() is not None
-    return device.type == "cuda" and infonce._cuda() is not None
+def row_off_device(row: str, device: torch.device) -> Optional[str]:
+    """Why ``row`` is not measured on ``device``, or None when it is."""
+    if row == "chunked" and device.type == "cuda":
+        return "on a GPU the chunked path is only the fallback, not a row of interest"
+    if row in ("triton", "cuda") and device.type != "cuda":
+        return "needs a GPU"
+    return None
+
+
+def backend_refuses(row: str, p: Problem) -> Optional[str]:
+    """Why the backend of op row ``row`` cannot run problem ``p`` here, or None when it can."""
+    backend = ROW_BACKEND.get(row)
+    if backend is None:
+        return None
+    try:
+        backend_for(p.q, p.queue, requested=backend)
+    except RuntimeError as err:  # a backend asked for by name says why it cannot run these inputs
+        return str(err)
+    return None
 
 
 def loss_fn(row: str) -> Callable[[Problem, torch.Tensor], torch.Tensor]:
@@ -326,52 +355,53 @@ def _bench_row(row: str, p: Problem, m_requested: int, dtype: str, device: torch
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# issue item 3: on the CPU, chunked vs eager at M = 768, K = 65536, D = 128, measured in one run
+# cpu-vs-eager-memory: on the CPU, chunked vs eager forward+backward, memory and time, measured in one run
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def item3(args) -> dict:
-    with mixfast_backend("cpu"):  # row (d), chunked; (b) eager does not call the op
-        return _item3(args)
-
-
-def _item3(args) -> dict:
+def cpu_vs_eager_memory(args) -> dict:
     device = torch.device("cpu")
-    m, k, d = 768, 65536, 128
+    m, k, d = args.m[0], args.k[0], args.d
     p = make_problem(m, k, d, torch.float32, device)
     fns = {"eager": loss_fn("eager"), "chunked": loss_fn("chunked")}
-    for fn in fns.values():  # warm up both
-        fn(p, p.q).backward()
+    for name, fn in fns.items():  # warm up both
+        with mixfast_backend(ROW_BACKEND.get(name)):
+            for _ in range(max(1, args.warmup)):
+                fn(p, p.q).backward()
     # Interleaved repetitions: on a shared machine both rows see the same background load.
     times = {name: [] for name in fns}
     for _ in range(args.reps):
         for name, fn in fns.items():
             p.q.grad = None
-            t0 = time.perf_counter()
-            fn(p, p.q).backward()
-            times[name].append(time.perf_counter() - t0)
+            with mixfast_backend(ROW_BACKEND.get(name)):  # entered before the clock starts
+                t0 = time.perf_counter()
+                fn(p, p.q).backward()
+                times[name].append(time.perf_counter() - t0)
     mem = {name: cpu_peak_extra(name, m, k, d, "fp32") for name in fns}
+    if None in mem.values():
+        raise SystemExit("cpu-vs-eager-memory: a memory measurement failed (its error is above)")
     t = {name: statistics.median(v) for name, v in times.items()}
     result = {
         "M": m, "K": k, "D": d, "dtype": "fp32", "reps": args.reps,
         "eager_fwdbwd_ms": t["eager"] * 1e3, "chunked_fwdbwd_ms": t["chunked"] * 1e3,
         "time_ratio": t["chunked"] / t["eager"],
         "eager_peak_extra_mb": mem["eager"] / 2**20, "chunked_peak_extra_mb": mem["chunked"] / 2**20,
-        "memory_ratio": mem["chunked"] / mem["eager"],
+        # at toy sizes eager's extra memory can stay within pages already resident: no ratio then
+        "memory_ratio": mem["chunked"] / mem["eager"] if mem["eager"] > 0 else float("nan"),
         "eager_times_ms": [round(x * 1e3, 1) for x in times["eager"]],
         "chunked_times_ms": [round(x * 1e3, 1) for x in times["chunked"]],
     }
-    result["pass"] = result["memory_ratio"] <= 1 / 8 and result["time_ratio"] <= 1.5
+    result["pass"] = result["memory_ratio"] <= TARGET_MEMORY_RATIO and result["time_ratio"] <= TARGET_TIME_RATIO
     return result
 
 
-def item3_markdown(r: dict) -> str:
+def cpu_vs_eager_memory_markdown(r: dict) -> str:
     verdict = "**holds**" if r["pass"] else "**does not hold**"
-    return (f"Issue item 3 (CPU, M = {r['M']}, K = {r['K']}, D = {r['D']}, fp32, forward+backward, {r['reps']} "
-            f"interleaved repetitions): chunked peak extra memory {r['chunked_peak_extra_mb']:.1f} MiB vs eager "
-            f"{r['eager_peak_extra_mb']:.1f} MiB (ratio {r['memory_ratio']:.3f}, limit 0.125); time "
-            f"{r['chunked_fwdbwd_ms']:.0f} ms vs {r['eager_fwdbwd_ms']:.0f} ms (ratio {r['time_ratio']:.2f}, "
-            f"limit 1.5): {verdict}.")
+    return (f"CPU, M = {r['M']}, K = {r['K']}, D = {r['D']}, fp32, forward+backward, {r['reps']} interleaved "
+            f"repetitions: chunked peak extra memory {r['chunked_peak_extra_mb']:.1f} MiB vs eager "
+            f"{r['eager_peak_extra_mb']:.1f} MiB (ratio {r['memory_ratio']:.3f}, target ≤ {TARGET_MEMORY_RATIO:.3f}); "
+            f"time {r['chunked_fwdbwd_ms']:.0f} ms vs {r['eager_fwdbwd_ms']:.0f} ms (ratio {r['time_ratio']:.2f}, "
+            f"target ≤ {TARGET_TIME_RATIO}): {verdict}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,22 +426,108 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--m", type=_ints, default=None, help="query rows M (comma list; M = 3B is rounded)")
-    ap.add_argument("--k", type=_ints, default=None, help="queue sizes K (comma list)")
-    ap.add_argument("--d", type=int, default=128)
-    ap.add_argument("--dtype", default=None, help="fp32,bf16 (comma list)")
-    ap.add_argument("--rows", default=",".join(ROWS), help="which rows (paper,eager,compile,chunked,triton,cuda)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--mode", choices=MODES, default="sweep",
+                    help="sweep: every row over M x K x dtype; cpu-vs-eager-memory: (d) chunked against (b) eager on "
+                         "the CPU, peak extra memory and forward+backward time")
+    ap.add_argument("--m", type=_ints, default=None,
+                    help="query rows M, comma list (M = 3B, rounded); cpu-vs-eager-memory: one value, default 768")
+    ap.add_argument("--k", type=_ints, default=None,
+                    help="queue sizes K, comma list; cpu-vs-eager-memory: one value, default 65536")
+    ap.add_argument("--d", type=int, default=128, help="embedding dimension D")
+    ap.add_argument("--dtype", default=None,
+                    help="sweep: fp32,bf16 (comma list; default both on a GPU, fp32 on the CPU); "
+                         "cpu-vs-eager-memory: fp32")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"sweep: comma-separated subset of {','.join(ROWS)}; chunked, triton and cuda are the public "
+                         "op under MIXFAST_BACKEND=cpu, triton, cuda; a row that cannot run here is skipped with the "
+                         "reason")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device of the sweep (default: cuda where there is one); cpu-vs-eager-memory runs on the CPU")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 25 GPU, 5 CPU)")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--max-time", type=float, default=60.0, help="seconds per measurement at most")
-    ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the CPU memory subprocesses")
-    ap.add_argument("--item3", action="store_true", help="only the issue's CPU check (chunked vs eager)")
-    ap.add_argument("--no-readme", dest="readme", action="store_false")
-    ap.add_argument("--tag", default=None, help="results file tag (default: device type and name)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 25 on a GPU, 5 on the CPU)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed calls of each row first (default: 5 on a GPU, 1 on the CPU)")
+    ap.add_argument("--max-time", type=float, default=60.0, help="sweep: seconds per measurement at most")
+    ap.add_argument("--no-memory", dest="memory", action="store_false",
+                    help="sweep: skip the CPU memory subprocesses (cpu-vs-eager-memory always measures memory)")
+    add_output_args(ap, "the mode's section")
+    # internal: the fresh process in which cpu_peak_extra measures one row's memory
     ap.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown rows {unknown}; choose from {','.join(ROWS)}")
+    if args.mode == "cpu-vs-eager-memory":
+        for key, default in (("m", 768), ("k", 65536)):
+            value = getattr(args, key)
+            if value is None:
+                setattr(args, key, [default])
+            elif len(value) != 1:
+                ap.error(f"--{key}: cpu-vs-eager-memory measures one problem, give one value")
+    return args
+
+
+def run_cpu_vs_eager_memory(args, env: dict) -> int:
+    r = cpu_vs_eager_memory(args)
+    print(json.dumps(r, indent=1))
+    save_requested_results(args, "infonce-cpu-vs-eager-memory", [r], env)
+    md = cpu_vs_eager_memory_markdown(r) + "\n\n" + env_line(env)
+    print(md, flush=True)
+    if args.update_readme:
+        update_readme("infonce-cpu-vs-eager-memory", md,
+                      title="soft-InfoNCE on the CPU: chunked vs eager, peak memory and time")
+    return 0 if r["pass"] else 1
+
+
+def sweep(args, device: torch.device, env: dict) -> list[dict]:
+    gpu = device.type == "cuda"
+    ms = args.m or ([64, 512, 768, 4096] if gpu else [64, 512, 768])
+    ks = args.k or ([4096, 65536, 262144] if gpu else [4096, 65536])
+    dtypes = (args.dtype or ("fp32,bf16" if gpu else "fp32")).split(",")
+    rows = []
+    for row in args.rows:
+        reason = row_off_device(row, device)
+        if reason:
+            print(f"{ROW_LABELS[row]}: skipped ({reason})", flush=True)
+        else:
+            rows.append(row)
+    results = []
+    for dtype in dtypes:
+        copy = copy_timing(256 * 2**20, device)  # reads and writes 128 MiB each
+        rates = {"tflops": matmul_tflops(DTYPES[dtype], device), "gbps": 256 * 2**20 / (copy.median_us * 1e-6) / 1e9}
+        print(f"[{dtype}] matmul {rates['tflops']:.2f} TFLOP/s, copy {rates['gbps']:.1f} GB/s", flush=True)
+        for m in ms:
+            for k in ks:
+                p = make_problem(m, k, args.d, DTYPES[dtype], device)
+                ref = float(loss_reference(p, p.q.detach().double()))  # float64 value of the loss
+                for row in rows:
+                    reason = backend_refuses(row, p)
+                    if reason:
+                        print(f"  {row:8s} M={p.q.shape[0]:5d} K={k:6d} {dtype}: skipped ({reason})", flush=True)
+                        continue
+                    res = bench_row(row, p, m, dtype, device, args, rates, ref)
+                    res.update(matmul_tflops=rates["tflops"], copy_gbps=rates["gbps"])
+                    results.append(res)
+                    print(f"  {row:8s} M={res['M']:5d} K={k:6d} {dtype}: fwd {res['fwd_ms']:.2f} ms, bwd "
+                          f"{res['bwd_ms']:.2f} ms, fwd+bwd {res['fwdbwd_ms']:.2f} ms, "
+                          f"{res['floor_frac']:.0%} of floor, peak extra {res['peak_extra_mb']} MiB", flush=True)
+                del p
+    save_requested_results(args, "infonce", results, env)
+    if args.update_readme:
+        note = ("Forward / backward / forward+backward medians (p20, p80 of forward+backward); throughput from "
+                "2·M·D·(K+B) FLOPs forward and twice that backward; floor = max(FLOPs / matmul rate, bytes / copy "
+                "bandwidth), both measured on this device, and floor / time the fraction of it reached (above 1 "
+                "where a row does less work than that count: the eager rows do not recompute the logits in the "
+                "backward); peak extra memory of one forward+backward (method: benchmarks/bench_infonce.py "
+                "docstring). M×K fp32 MiB is the size of one logits matrix, for scale.")
+        if not gpu:
+            note += (" Rows (e) Triton and (f) CUDA need a GPU and were not measured on this machine, so the GPU "
+                     "targets (bf16 forward+backward at M = 768, K = 65536 at least 5× faster than row (a) and at 50% "
+                     "of the floor, with no M×K buffer) are not measured in this table.")
+        update_readme("infonce", env_line(env) + "\n\n" + note + "\n\n" + render_table(results, columns(gpu)),
+                      title="soft-InfoNCE (bench_infonce.py)")
+    return results
 
 
 def main(argv=None) -> int:
@@ -423,61 +539,14 @@ def main(argv=None) -> int:
         peak = cpu_peak_extra_here(args.measure_memory, args.m[0], args.k[0], args.d, args.dtype)
         print(json.dumps({"peak_extra_bytes": peak}))
         return 0
-    device = torch.device(args.device)
+    device = torch.device("cpu" if args.mode == "cpu-vs-eager-memory" else args.device)
     gpu = device.type == "cuda"
     args.reps = args.reps or (25 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
     env = environment(device)
-
-    if args.item3:
-        r = item3(args)
-        print(json.dumps(r, indent=1))
-        write_results("infonce-item3", [r], env, tag=args.tag)
-        if args.readme:
-            update_readme("infonce-item3", item3_markdown(r) + "\n\n" + env_line(env),
-                          title="soft-InfoNCE: issue item 3 (CPU)")
-        return 0 if r["pass"] else 1
-
-    ms = args.m or ([64, 512, 768, 4096] if gpu else [64, 512, 768])
-    ks = args.k or ([4096, 65536, 262144] if gpu else [4096, 65536])
-    dtypes = (args.dtype or ("fp32,bf16" if gpu else "fp32")).split(",")
-    rows = [r for r in args.rows.split(",") if r]
-    for r in rows:
-        if r not in ROWS:
-            raise SystemExit(f"unknown row {r!r}; rows are {', '.join(ROWS)}")
-    rows = [r for r in rows if row_available(r, device)]
-    results = []
-    for dtype in dtypes:
-        copy = copy_timing(256 * 2**20, device)  # reads and writes 128 MiB each
-        rates = {"tflops": matmul_tflops(DTYPES[dtype], device), "gbps": 256 * 2**20 / (copy.median_us * 1e-6) / 1e9}
-        print(f"[{dtype}] matmul {rates['tflops']:.2f} TFLOP/s, copy {rates['gbps']:.1f} GB/s", flush=True)
-        for m in ms:
-            for k in ks:
-                p = make_problem(m, k, args.d, DTYPES[dtype], device)
-                ref = float(loss_reference(p, p.q.detach().double()))  # float64 value of the loss
-                for row in rows:
-                    res = bench_row(row, p, m, dtype, device, args, rates, ref)
-                    res.update(matmul_tflops=rates["tflops"], copy_gbps=rates["gbps"])
-                    results.append(res)
-                    print(f"  {row:8s} M={res['M']:5d} K={k:6d} {dtype}: fwd {res['fwd_ms']:.2f} ms, bwd "
-                          f"{res['bwd_ms']:.2f} ms, fwd+bwd {res['fwdbwd_ms']:.2f} ms, "
-                          f"{res['floor_frac']:.0%} of floor, peak extra {res['peak_extra_mb']} MiB", flush=True)
-                del p
-    jpath, cpath = write_results("infonce", results, env, tag=args.tag)
-    print(f"wrote {jpath} and {cpath}")
-    if args.readme:
-        note = ("Forward / backward / forward+backward medians (p20, p80 of forward+backward); throughput from "
-                "2·M·D·(K+B) FLOPs forward and twice that backward; floor = max(FLOPs / matmul rate, bytes / copy "
-                "bandwidth), both measured on this device, and floor / time the fraction of it reached (above 1 "
-                "where a row does less work than that count: the eager rows do not recompute the logits in the "
-                "backward); peak extra memory of one forward+backward (method: benchmarks/bench_infonce.py "
-                "docstring). M×K fp32 MiB is the size of one logits matrix, for scale.")
-        if not gpu:
-            note += (" Rows (e) Triton and (f) CUDA need a GPU and were not measured on this machine: the GPU numbers "
-                     "of issue #4 item 4 (bf16 forward+backward at M = 768, K = 65536 at least 5x faster than row (a) "
-                     "and at 50% of the floor, no M×K buffer) are still open.")
-        update_readme("infonce", env_line(env) + "\n\n" + note + "\n\n" + render_table(results, columns(gpu)),
-                      title="soft-InfoNCE (bench_infonce.py)")
+    if args.mode == "cpu-vs-eager-memory":
+        return run_cpu_vs_eager_memory(args, env)
+    sweep(args, device, env)
     return 0
 
 

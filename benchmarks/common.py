@@ -3,12 +3,17 @@ result files (JSON + CSV) and the markdown tables in benchmarks/README.md.
 
 Every benchmark script (bench_mix.py, bench_infonce.py, ...) follows the same recipe:
 
+    add_output_args(ap, "the mix section")          # --results-file/--results-dir/--tag/--update-readme
     env = environment(device)                       # device name, versions, commit
     t = time_fn(fn, device=device, backend="cuda")  # median / p20 / p80 µs per call (+ host µs/call on a GPU)
     ref = copy_timing(nbytes, device)               # a torch copy moving the same bytes
     rows.append({... "us": t.median_us, "gbps": gbps(nbytes, t.median_us), ...})
-    paths = write_results("mix", rows, env)         # benchmarks/results/mix-<device>.{json,csv}
-    update_readme("mix", render_table(rows, COLUMNS), env)
+    save_requested_results(args, "mix", rows, env)  # JSON + CSV, only where the flags ask
+    if args.update_readme:
+        update_readme("mix", render_table(rows, COLUMNS), title="...")
+
+A run prints its results and writes no file unless asked, so that trying a benchmark never
+rewrites the result files and README tables committed with the repository.
 
 On a GPU the timers measure device time: many back-to-back calls between two CUDA events,
 queued behind a spin kernel so that the host's launch cost cannot hide in the measurement,
@@ -425,6 +430,37 @@ def write_results(name: str, rows: list[dict], env: dict, out_dir: Path | str = 
     out_dir = Path(out_dir)
     tag = tag or f"{env.get('device_type', 'dev')}-{slug(str(env.get('device', '')))}"
     return write_results_file(out_dir / f"{name}-{tag}.json", name, rows, env)
+
+
+def add_output_args(ap, readme_part: str) -> None:
+    """The flags that ask a benchmark to write files (it writes none without them).
+    ``readme_part`` names what ``--update-readme`` replaces, for its help."""
+    g = ap.add_argument_group("output (by default the results are printed and no file is written)")
+    g.add_argument("--results-file", metavar="PATH", default=None,
+                   help="write the results as JSON to PATH, with a CSV twin next to it")
+    g.add_argument("--results-dir", metavar="DIR", default=None,
+                   help="write the results as <benchmark>-<tag>.json and .csv into DIR")
+    g.add_argument("--tag", default=None,
+                   help="the <tag> of --results-dir file names (default: device type and name); given without "
+                        "--results-dir, the files go to benchmarks/results/")
+    g.add_argument("--update-readme", action="store_true", help=f"replace {readme_part} in benchmarks/README.md")
+    # Older command lines (scripts, notes) pass --no-readme; it is what every run does now.
+    g.add_argument("--no-readme", action="store_true",
+                   help="no effect: benchmarks/README.md is written only with --update-readme")
+
+
+def save_requested_results(args, name: str, rows: list[dict], env: dict) -> list[tuple[Path, Path]]:
+    """Write ``rows`` where the flags of :func:`add_output_args` ask, and nothing otherwise;
+    returns the (JSON, CSV) pairs written."""
+    written = []
+    if args.results_file:
+        written.append(write_results_file(args.results_file, name, rows, env))
+    out_dir = args.results_dir or (RESULTS_DIR if args.tag else None)
+    if out_dir is not None:
+        written.append(write_results(name, rows, env, out_dir, tag=args.tag))
+    for jpath, cpath in written:
+        print(f"wrote {jpath} and {cpath}")
+    return written
 
 
 def write_results_file(path: Path | str, name: str, rows: list[dict], env: dict,

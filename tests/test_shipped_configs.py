@@ -1,5 +1,5 @@
-"""Every config in configs/ trains, checkpoints and resumes (issue: 3 steps on CPU with
-`--set data.name=synthetic --set train.max_steps=3`).
+"""Every config in configs/ trains, checkpoints and resumes: each must run on the CPU with
+`--set data.name=synthetic --set train.max_steps=3`, stop with a checkpoint, and resume from it.
 
 Each config runs as shipped except for sizes: synthetic data, width-4 backbones, small
 heads and batch, so that the 40-odd configs fit the CI budget. Their code paths (method,

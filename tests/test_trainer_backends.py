@@ -1,4 +1,5 @@
-"""The trainer's loss does not depend on the soft_infonce backend (issue #4, item 2).
+"""The trainer's loss does not depend on the soft_infonce backend: every backend's per-step losses match the
+reference backend's.
 
 A few steps of the demo config (MoCo v2 + MixMask + Un-Mix, all query rows in one soft_infonce call per step) run in
 fresh processes, once per backend: `torch` (the reference, the baseline), `cpu` (the chunked path) and `triton` (in
@@ -32,7 +33,7 @@ def _train(backend: str, out: Path, extra_env: dict | None = None) -> list[float
         "data.name": "synthetic", "data.synthetic_size": 48, "data.num_workers": 0, "train.batch_size": 16,
         "train.max_steps": STEPS, "train.output_dir": str(out), "log.every_steps": 1, "eval.knn_at_start": "false",
         "log.tensorboard": "false", "log.image_grid": "false",
-        # One soft_infonce call per step for all query rows (the fused path of issue #4; CPU runs default to one
+        # One soft_infonce call per step for all query rows (the fused path GPU runs take; CPU runs default to one
         # call per branch to save activation memory).
         "train.sequential_backward": "false",
     }

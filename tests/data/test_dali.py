@@ -275,8 +275,8 @@ def test_two_ranks_under_the_deepspeed_launcher_keep_both_pipeline_states(tmp_pa
 
 @pytest.mark.gpu
 def test_mixed_decode_on_the_gpu_matches_the_cpu_pipeline(tree):
-    """device='gpu' (decoders device='mixed'): CUDA bf16 channels_last views, the same files in
-    the same order as the CPU pipeline, and matching statistics (issue 5 item 3's code path)."""
+    """device='gpu' (decoders device='mixed') must give CUDA bf16 channels_last views of the same
+    files, in the same order, as the CPU pipeline, with matching per-channel means."""
     gpu = loader(tree, batch=40, device="gpu", device_id=0, dtype=torch.bfloat16, channels_last=True)
     cpu = loader(tree, batch=40)
     got, want = epoch_batches(gpu, 0), epoch_batches(cpu, 0)
