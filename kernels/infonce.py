@@ -26,7 +26,7 @@ the interpreter, and a fixed table keeps results reproducible); D up to 256.
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 from typing import Dict, Optional, Tuple
 
@@ -36,6 +36,7 @@ import triton.language as tl
 
 from kernels import aot
 from kernels.aot import Launch
+from kernels.splits import plan as split_plan
 
 # Whether these kernels were defined in interpreter mode. Triton decides at definition time, so it is captured at
 # import; CPU tensors can only run through kernels defined this way.
@@ -45,7 +46,6 @@ MAX_DIM = 256
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-_MAX_SPLITS = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,22 +270,15 @@ def _config(dtype: torch.dtype, d: int, device_type: str, kernel: str) -> dict:
                 launch=dict(num_warps=8 if wide or kernel == "grad" else 4, num_stages=3, enable_fp_fusion=True))
 
 
-def _num_splits(programs: int, tiles: int, device: torch.device, splits: Optional[int]) -> int:
-    """Splits of the streamed dimension: enough programs for ~2 waves on the GPU, never an empty split."""
-    if splits is None:
-        if device.type == "cpu":
-            splits = 3  # the interpreter: several splits so the combine is always exercised
-        else:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            splits = math.ceil(2 * sms / max(programs, 1))
-    return max(1, min(splits, tiles, _MAX_SPLITS))
+def _plan(extent: int, block: int, programs: int, device: torch.device, splits: Optional[int]) -> Tuple[int, int]:
+    """(elements per split, splits): kernels/splits.py's plan with this device's multiprocessor count."""
+    sms = None if device.type == "cpu" else _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return split_plan(extent, block, programs, sms, splits)
 
 
-def _split_length(n: int, block: int, splits: int) -> Tuple[int, int]:
-    """(elements per split, a multiple of block; number of non-empty splits)."""
-    tiles = triton.cdiv(n, block)
-    per = triton.cdiv(tiles, splits) * block
-    return per, triton.cdiv(n, per)
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def lse_launch(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tensor], scale: float,
@@ -296,8 +289,7 @@ def lse_launch(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.Tens
     M, N = q.shape[0], cols.shape[0]
     cfg = _config(q.dtype, q.shape[1], device_type or q.device.type, "lse")
     row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-    n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
-    per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
+    per, n_splits = _plan(N, cfg["BLOCK_N"], row_blocks, q.device, splits)
     part_max = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
     part_sum = torch.empty((n_splits, M), dtype=torch.float32, device=q.device)
     launch = Launch(_lse_partials_kernel, (row_blocks, n_splits), (), dict(
@@ -341,15 +333,13 @@ def grad_launches(q: torch.Tensor, cols: torch.Tensor, exclude: Optional[torch.T
     launches = {}
     if need_dq:
         row_blocks = triton.cdiv(M, cfg["BLOCK_M"])
-        n_splits = _num_splits(row_blocks, triton.cdiv(N, cfg["BLOCK_N"]), q.device, splits)
-        per, n_splits = _split_length(N, cfg["BLOCK_N"], n_splits)
+        per, n_splits = _plan(N, cfg["BLOCK_N"], row_blocks, q.device, splits)
         part = torch.empty((n_splits, M, D), dtype=torch.float32, device=q.device)
         launches["grad_q"] = part, Launch(_grad_q_kernel, (row_blocks, n_splits), (),
                                           dict(**args, PART_DQ=part, cols_per_split=per, **flags))
     if need_dcols:
         col_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-        n_splits = _num_splits(col_blocks, triton.cdiv(M, cfg["BLOCK_M"]), q.device, splits)
-        per, n_splits = _split_length(M, cfg["BLOCK_M"], n_splits)
+        per, n_splits = _plan(M, cfg["BLOCK_M"], col_blocks, q.device, splits)
         part = torch.empty((n_splits, N, D), dtype=torch.float32, device=q.device)
         launches["grad_cols"] = part, Launch(_grad_cols_kernel, (col_blocks, n_splits), (),
                                              dict(**args, PART_DC=part, rows_per_split=per, **flags))

@@ -38,7 +38,9 @@ class MixMaskMixer:
         lo, hi = self.cfg.ratio
         return float(step_numpy_rng(self.seed, self.rank, STREAM_MIXMASK, step).uniform(lo, hi))
 
-    def _mask_args(self, step: int) -> dict:
+    def mask_args(self, step: int) -> dict:
+        """This step's mask arguments of ``ops.make_masks`` / ``ops.make_masks_and_mix``: grid, ratio (drawn
+        per step from a range), kind, and the mask seed (one Philox stream per (seed, rank))."""
         return dict(grid=self.cfg.grid, ratio=self._ratio(step), kind=self.cfg.kind,
                     seed=self.seed * 65537 + self.rank, step=step)
 
@@ -62,7 +64,7 @@ class MixMaskMixer:
         if self.cfg.fill != "image":
             return self(x, step, random_partner=True), unmixer(x, step)
         b = x.size(0)
-        args = self._mask_args(step)
+        args = self.mask_args(step)
         masks = ops.make_masks(b if self.cfg.per_sample else 1, args["grid"], args["ratio"], args["kind"],
                                seed=args["seed"], step=step, device=x.device)
         perm = self._perm(b, x.device, step, random_partner=True)
@@ -76,7 +78,7 @@ class MixMaskMixer:
         """Mix view `x` (normalized, [B,C,H,W]). `random_partner`: a fresh permutation
         (used together with Un-Mix, which keeps flip); otherwise flip."""
         b = x.size(0)
-        mask_args = self._mask_args(step)
+        mask_args = self.mask_args(step)
         perm = self._perm(b, x.device, step, random_partner)
         if self.cfg.fill == "image":
             # One op draws the masks and mixes (a single kernel launch on a GPU); the masks are

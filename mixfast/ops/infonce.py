@@ -38,12 +38,12 @@ step traces through the autograd.Function without graph breaks.
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from kernels.splits import plan as split_plan
 from mixfast.ops import _backend, _native, infonce_chunked
 from mixfast.ops import reference
 
@@ -108,15 +108,11 @@ class _NativeCuda:
         return (q.is_cuda and q.dtype in self._DTYPE_CODES and cols.dtype == q.dtype
                 and q.shape[1] <= self.lib.infonce_max_dim())
 
-    def _splits(self, programs: int, tiles: int, device: torch.device) -> int:
-        sms = _native.sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        return max(1, min(math.ceil(2 * sms / max(programs, 1)), tiles, 64))
-
     @staticmethod
-    def _split_length(n: int, block: int, splits: int) -> Tuple[int, int]:
-        tiles = -(-n // block)
-        per = -(-tiles // splits) * block
-        return per, -(-n // per)
+    def _plan(extent: int, block: int, programs: int, device: torch.device) -> Tuple[int, int]:
+        """(elements per split, splits): the plan the Triton kernels use too (kernels/splits.py)."""
+        return split_plan(extent, block, programs,
+                          _native.sm_count(device.index if device.index is not None else torch.cuda.current_device()))
 
     def _problem(self, q, cols, exclude, scale):
         """``_C.InfoNCEProblem``, built once per call for all its launches; positionally, in its ``_fields`` order
@@ -131,7 +127,7 @@ class _NativeCuda:
         if M == 0 or N == 0:
             return torch.full((M,), float("-inf"), dtype=torch.float32, device=q.device)
         block_m, block_n = self.lib.infonce_blocks(q.shape[1])
-        per, splits = self._split_length(N, block_n, self._splits(-(-M // block_m), -(-N // block_n), q.device))
+        per, splits = self._plan(N, block_n, -(-M // block_m), q.device)
         part_max = torch.empty((splits, M), dtype=torch.float32, device=q.device)
         part_sum = torch.empty((splits, M), dtype=torch.float32, device=q.device)
         with torch.cuda.device(q.device):
@@ -156,14 +152,12 @@ class _NativeCuda:
         problem = self._problem(q, cols, exclude if in_denom else None, scale)
         with torch.cuda.device(q.device):
             if need_dq:
-                per, splits = self._split_length(N, block_n, self._splits(-(-M // block_m), -(-N // block_n),
-                                                                          q.device))
+                per, splits = self._plan(N, block_n, -(-M // block_m), q.device)
                 part = torch.empty((splits, M, D), dtype=torch.float32, device=q.device)
                 self.lib.infonce_grad_q_partials(problem, grad, part.data_ptr(), splits, per)
                 dq = part.sum(dim=0)  # fixed-order sum of the splits' partials
             if need_dcols:
-                per, splits = self._split_length(M, block_m, self._splits(-(-N // block_n), -(-M // block_m),
-                                                                          q.device))
+                per, splits = self._plan(M, block_m, -(-N // block_n), q.device)
                 part = torch.empty((splits, N, D), dtype=torch.float32, device=q.device)
                 self.lib.infonce_grad_cols_partials(problem, grad, part.data_ptr(), splits, per)
                 dcols = part.sum(dim=0)

@@ -536,10 +536,11 @@ def test_mixers_keep_their_results(monkeypatch, per_sample, random_partner):
 
     x = _randn((6, 3, 32, 32), seed=9)
     seed, rank, step = 1, 0, 5
-    cfg = MixMaskConfig(per_sample=per_sample)
+    cfg = MixMaskConfig(per_sample=per_sample, ratio=0.5, grid=8)
     mixer = MixMaskMixer(cfg, seed=seed, rank=rank)
-    masks = ref.make_masks(6 if per_sample else 1, cfg.grid, mixer._ratio(step), cfg.kind, seed=seed * 65537 + rank,
-                           step=step)
+    args = mixer.mask_args(step)
+    assert (args["grid"], args["ratio"], args["kind"], args["step"]) == (8, 0.5, "block", step)
+    masks = ref.make_masks(6 if per_sample else 1, **args)
     perm = (torch.randperm(6, generator=step_generator(seed, rank, STREAM_MIXMASK, step)) if random_partner
             else torch.arange(5, -1, -1))
     want_mixed, _, want_lam = ref.mix(x, masks, perm)
