@@ -29,9 +29,8 @@ HOST_RESIDENT = {
     # torch's non-capturable optimizers (Adam here) keep each parameter's step counter as a CPU
     # tensor, also when the parameters are on a GPU, and read it to compute the bias correction
     "optim/optimizer.py": "optimizer step counters live on the CPU",
-    # the CutMix box is drawn from a CPU torch.Generator (a pure function of seed and step)
-    "ops/reference.py:499 rand_bbox": "CutMix centre x from a CPU generator",
-    "ops/reference.py:500 rand_bbox": "CutMix centre y from a CPU generator",
+    # the CutMix box is drawn from a CPU torch.Generator (a pure function of seed and step): its centre (two ints)
+    " rand_bbox <- mixing/unmix.py": "CutMix centre from a CPU generator",
 }
 
 
