@@ -102,7 +102,7 @@ class Trainer:
         self.per_rank_batch = cfg.train.batch_size // self.world
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
-        self.data = build_datasets(cfg.data)
+        self.data = build_datasets(cfg.data, run_dir=cfg.train.output_dir)  # the run dir lists skipped files
         # torch DataLoader or DALI pipeline (data.loader); the DALI one has state_dict() for the checkpoint
         self.train_loader = build_pretrain_loader(cfg, self.data, self.per_rank_batch, self.rank, self.world, device)
         self.steps_per_epoch = len(self.train_loader.sampler) // self.per_rank_batch
@@ -224,7 +224,7 @@ class Trainer:
     def fit(self) -> None:
         cfg, state = self.cfg, self.state
         budget = self._budget()
-        info(f"{self.world} rank(s) on {self.device}; {len(self.data.train)} training images, "
+        info(f"{self.world} rank(s) on {self.device}; {self.data.describe_train()}, "
              f"{self.steps_per_epoch} steps/epoch, {budget} steps to run"
              + (f", resuming at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})" if state.step else ""))
         if cfg.eval.knn_at_start and state.knn_random_init is None:
