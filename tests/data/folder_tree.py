@@ -204,7 +204,6 @@ def write_tree(root: Path, per_class: int = 2) -> dict:
         "train_valid": sorted([str(train / "animals" / n) for n in valid] + [str(train / p) for p in plain]
                               + [str(train / "rocks" / "link_to_outside.jpg")]),
         "train_bad": sorted([str(train / "animals" / n) for n in bad] + [str(train / "rocks" / "dangling_link.jpg")]),
-        "train_hidden": 5,  # .DS_Store, ._baseline.jpg, .hidden.jpg, .ipynb_checkpoints/ (one folder), ... see below
         "val_valid": {str(val / "animals" / "baseline.jpg"): 0, str(val / "rocks" / "1.jpg"): 2},
         "val_bad": [str(val / "animals" / "damaged_scan.jpg")],
     }
