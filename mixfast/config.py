@@ -166,9 +166,10 @@ class DataConfig(Section):
     class_list: Optional[str] = Field(
         None, description="imagenet100: file with one ImageNet wnid per line; those class folders of train_split/val_split are used.")
     loader: Literal["auto", "dali", "torch"] = Field(
-        "auto", description="Pre-training loader: 'dali' (NVIDIA DALI pipelines, JPEG trees only), 'torch' (PIL + DataLoader), "
-                            "'auto' = dali when DALI is importable and the data set is a JPEG tree (imagefolder, "
-                            "tinyimagenet, imagenet100), else torch.")
+        "auto", description="Pre-training loader: 'dali' (NVIDIA DALI pipelines, image folders only), 'torch' (PIL + "
+                            "DataLoader), 'auto' = dali when DALI is importable and the data set is an image folder "
+                            "(imagefolder, tinyimagenet, imagenet100), else torch. Both read the same files, decode "
+                            "them to the same pixels and count skipped files alike (README 'Data sets').")
     dali_device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Where the DALI pipeline decodes and augments: 'gpu' (decoders device='mixed'), 'cpu' "
                             "(device_id=None), 'auto' = gpu when the trainer runs on CUDA.")

@@ -319,10 +319,20 @@ def _check_uncached(paths: Sequence[str], stats: Sequence[Optional[os.stat_resul
                 return Verdict(describe_error(err), None, transient=True)
         return inspect_file(paths[i], convert_dir, stats[i])
 
-    if not paths:
+    return _in_threads(one, range(len(paths)), threads, 16)  # Pillow releases the GIL while it decodes
+
+
+def _in_threads(fn, items: Sequence, threads: int, chunk: int) -> list:
+    """``[fn(x) for x in items]`` in a pool of threads, ``chunk`` items per task (the executor's
+    ``map`` ignores its chunksize for threads: one future per item costs more than a stat)."""
+    items = list(items)
+    if not items:
         return []
-    with ThreadPoolExecutor(max(1, threads)) as pool:  # Pillow releases the GIL while it decodes
-        return list(pool.map(one, range(len(paths)), chunksize=64))
+    if threads <= 1 or len(items) <= chunk:
+        return [fn(x) for x in items]
+    parts = [items[i : i + chunk] for i in range(0, len(items), chunk)]
+    with ThreadPoolExecutor(threads) as pool:
+        return [y for part in pool.map(lambda xs: [fn(x) for x in xs], parts) for y in part]
 
 
 def _stat(path: str) -> Optional[os.stat_result]:
@@ -354,8 +364,7 @@ def check_files(paths: Sequence[str], data_root: str, directory: Optional[str], 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
         threads = max(1, (os.cpu_count() or 1) // max(1, local))
     keys = [_relative(p, data_root) for p in paths]
-    with ThreadPoolExecutor(max(1, threads)) as pool:  # a network file system answers stat() slowly
-        stats = list(pool.map(_stat, paths, chunksize=1024))
+    stats = _in_threads(_stat, paths, threads, 1024)  # a network file system answers stat() slowly
     verdicts: list[Optional[Verdict]] = [
         _entry_verdict(cached.get(k), p, st, convert_dir) if st is not None else None
         for p, k, st in zip(paths, keys, stats)]

@@ -45,7 +45,6 @@ from typing import Optional
 from mixfast.config import ConfigError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-IMG_EXTENSIONS = IMAGE_EXTENSIONS  # the older name
 JPEG_TREES = ("imagefolder", "tinyimagenet", "imagenet100")
 UNKNOWN_CLASS_CHOICES = ("error", "exclude")
 

@@ -141,6 +141,7 @@ def bad_files() -> dict[str, bytes]:
         "truncated.png": png[: len(png) - 40],
         "empty.jpg": b"",
         "not_an_image.png": b"<html><body>404 Not Found</body></html>\n" * 4,
+        "idat_checksum.png": png_with_bad_idat_checksum(),  # Pillow decodes it, libpng (DALI) refuses it
     }
 
 

@@ -53,15 +53,18 @@ def test_listing_skips_and_class_indices(tree, data):
     train, val = data.train.base, data.knn_test.base
     assert train.classes == val.classes == expect["classes"]
     assert sorted(p for p, _ in train.samples) == expect["train_valid"]  # every valid variant, nested, linked
-    assert sorted(p for p, _ in train.skipped) == expect["train_bad"]  # damaged, truncated, empty, foreign, dangling
-    assert all(why for _, why in train.skipped)
+    # damaged, truncated, empty, foreign, bad checksum, dangling
+    assert sorted(p for p, _ in train.skipped) == expect["train_bad"]
+    reasons = {Path(p).name: why for p, why in train.skipped}
+    assert "IDAT chunk" in reasons["idat_checksum.png"] and "CRC" in reasons["idat_checksum.png"]
+    assert "truncated" in reasons["truncated.jpg"] and "No such file" in reasons["dangling_link.jpg"]
     # .DS_Store, ._baseline.jpg, .hidden.jpg, .ipynb_checkpoints/ are hidden; notes.txt is no image
     assert dict(train.ignored) == {"hidden": 4, "not an image": 1}
     # val holds animals and rocks only: they keep the training indices 0 and 2, not 0 and 1
     assert dict(val.samples) == expect["val_valid"]
     assert [p for p, _ in val.skipped] == expect["val_bad"]
     assert dict(val.ignored) == {"hidden": 1}
-    assert data.describe_train() == "32 training images (7 unreadable files skipped; ignored: 4 hidden, 1 not an image)"
+    assert data.describe_train() == "32 training images (8 unreadable files skipped; ignored: 4 hidden, 1 not an image)"
 
 
 def test_every_valid_variant_decodes_to_the_same_pixels_on_both_loaders(data):
@@ -106,7 +109,7 @@ def test_full_epochs_on_two_ranks_count_each_skipped_file_once(tree, data, loade
             counts.append(sum(int(b["skipped"]) for b in batches))
         assert counts[0] == counts[1]
         per_rank.append(counts[0])
-    # each of the 7 files the check removed counted once per epoch: file j on rank j % 2
+    # each of the 8 files the check removed counted once per epoch: file j on rank j % 2
     assert per_rank == [(bad + 1) // 2, bad // 2]
 
 
@@ -114,7 +117,7 @@ def test_skipped_files_are_named_once_in_the_run_directory(tree, tmp_path):
     root, expect = tree
     run = tmp_path / "run"
     cfg = DataConfig(name="imagefolder", root=str(root), image_size=16)
-    with pytest.warns(UserWarning, match=r"skipping 7 unreadable image files found by the start-up check of "
+    with pytest.warns(UserWarning, match=r"skipping 8 unreadable image files found by the start-up check of "
                                          r"data.train_split: .*\(listed in .*skipped_files.txt\)") as caught:
         build_datasets(cfg, run_dir=str(run))
     lines = (run / file_check.SKIPPED_FILES).read_text().splitlines()
