@@ -55,6 +55,7 @@ def main(argv=None) -> list[dict]:
     from mixfast.data.check import check_files
     from mixfast.data.files import images_in
 
+    load_start = os.getloadavg()[0]  # other jobs on a shared machine slow the rows
     tmp = Path(tempfile.mkdtemp(prefix="bench-file-check-"))
     try:
         root = Path(args.tree) if args.tree else tmp / "tree"
@@ -88,13 +89,14 @@ def main(argv=None) -> list[dict]:
                 print(rows[-1], flush=True)
         env = environment("cpu")
         env.update(pillow=__import__("PIL").__version__, cpus=os.cpu_count(), listing_s=round(listing_s, 3),
-                   mean_file_bytes=round(sum(sizes) / len(sizes)), load_avg_1m_end=os.getloadavg()[0])
+                   mean_file_bytes=round(sum(sizes) / len(sizes)), load_avg_1m_start=load_start,
+                   load_avg_1m_end=os.getloadavg()[0])
         table = render_table(rows, [("check", "check"), ("threads", "threads"), ("files", "files"),
                                     ("seconds", "s (median)"), ("files_per_s", "files/s"),
                                     ("ms_per_file", "ms/file"), ("imagenet_train_min", "ImageNet train, min*"),
                                     ("cache_file_bytes", "cache file, bytes")])
         text = (f"# Start-up file check: cold and cached\n\n{env_line(env)} Pillow {env['pillow']}, "
-                f"{env['cpus']} CPUs (shared), load average {env['load_avg_1m']:.2f} at the start and "
+                f"{env['cpus']} CPUs (shared), load average {env['load_avg_1m_start']:.2f} at the start and "
                 f"{env['load_avg_1m_end']:.2f} at the end.\n\n"
                 f"{len(paths)} JPEGs of 500x375, quality 90, {env['mean_file_bytes'] / 1024:.0f} KiB on average, in "
                 f"the page cache (written just before); median of {args.repeats} runs per row. Listing the tree "
