@@ -12,8 +12,7 @@ ImageNet image, quality 90, smooth content plus noise so the decode cost is real
 - ``cached``: the same call again: ``stat`` of every file (the cache key is path, size and
   modification time) and the cache file read; nothing is decoded.
 
-"Cold" means not checked before, not a cold disk: the files were just written and sit in the
-page cache, so the rows time the decoding, not the storage (a network file system adds its
+"Cold" means not checked before, not a cold disk: the files sit in the page cache, so the rows time the decoding, not the storage (a network file system adds its
 latency per file, which the threads overlap). Each row is the median of ``--repeats`` runs.
 The ImageNet line of the table is arithmetic on the measured rate, not a measurement.
 """
@@ -83,7 +82,7 @@ def main(argv=None) -> list[dict]:
             for kind, times in (("cold", cold), ("cached", cached)):
                 s = statistics.median(times)
                 rows.append({"check": kind, "threads": threads, "files": len(paths), "seconds": round(s, 3),
-                             "files_per_s": round(len(paths) / s), "ms_per_file": round(1e3 * s / len(paths), 4),
+                             "files_per_s": round(len(paths) / s), "us_per_file": round(1e6 * s / len(paths), 1),
                              "imagenet_train_min": round(IMAGENET_TRAIN_FILES / (len(paths) / s) / 60, 1),
                              "runs_s": [round(t, 3) for t in times], "cache_file_bytes": cache_bytes})
                 print(rows[-1], flush=True)
@@ -93,13 +92,13 @@ def main(argv=None) -> list[dict]:
                    load_avg_1m_end=os.getloadavg()[0])
         table = render_table(rows, [("check", "check"), ("threads", "threads"), ("files", "files"),
                                     ("seconds", "s (median)"), ("files_per_s", "files/s"),
-                                    ("ms_per_file", "ms/file"), ("imagenet_train_min", "ImageNet train, min*"),
+                                    ("us_per_file", "µs/file"), ("imagenet_train_min", "ImageNet train, min*"),
                                     ("cache_file_bytes", "cache file, bytes")])
         text = (f"# Start-up file check: cold and cached\n\n{env_line(env)} Pillow {env['pillow']}, "
                 f"{env['cpus']} CPUs (shared), load average {env['load_avg_1m_start']:.2f} at the start and "
                 f"{env['load_avg_1m_end']:.2f} at the end.\n\n"
                 f"{len(paths)} JPEGs of 500x375, quality 90, {env['mean_file_bytes'] / 1024:.0f} KiB on average, in "
-                f"the page cache (written just before); median of {args.repeats} runs per row. Listing the tree "
+                f"the page cache; median of {args.repeats} runs per row. Listing the tree "
                 f"(`mixfast.data.files.images_in`) took {listing_s:.2f} s.\n\n{table}\n\n"
                 f"\\* {IMAGENET_TRAIN_FILES:,} files at the measured rate (arithmetic, not measured; ImageNet's "
                 f"files average about 110 KiB, larger than these, so expect its rate per file to be lower).\n\nMethod: `benchmarks/bench_file_check.py` "
