@@ -349,11 +349,14 @@ class Datasets:
 
 
 def describe_left_out(base: "SafeImageList") -> str:
-    """' (3 unreadable files skipped, listed in RUN/skipped_files.txt; 2 hidden files ignored)', or ''."""
+    """' (3 unreadable files skipped, listed in RUN/skipped_files.txt; ignored: 2 hidden)', or ''."""
     parts = []
     if base.skipped:
         where = f", listed in {base.report.path}" if base.report.path else ""
         parts.append(f"{len(base.skipped)} unreadable file{'s' if len(base.skipped) != 1 else ''} skipped{where}")
+    converted = sum(1 for (path, _), read in zip(base.samples, base.read_paths) if read != path)
+    if converted:
+        parts.append(f"{converted} read by DALI through converted PNG copies")
     ignored = ", ".join(f"{n} {why}" for why, n in sorted(base.ignored.items()) if n)
     if ignored:
         parts.append(f"ignored: {ignored}")
