@@ -271,7 +271,7 @@ class Trainer:
             torch.save(export_torchvision_state_dict(self.engine.module.backbone), path)
             info(f"exported backbone (torchvision state_dict) to {path}")
             if self.state.skipped_images:
-                info(f"skipped {self.state.skipped_images} unreadable images")
+                info(f"skipped {self.state.skipped_images} unreadable images (each unreadable file once per epoch)")
             if self.state.knn_random_init is not None:
                 print(f"kNN top-1: random-init {self.state.knn_random_init:.2f}% -> trained {final:.2f}%", flush=True)
             else:
