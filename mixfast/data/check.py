@@ -116,7 +116,7 @@ def _dali_reads_directly(image: Image.Image) -> bool:
     if image.format == "PNG" and image.mode not in _SIXTEEN_BIT_GREY and image.tile and \
             str(image.tile[0].args).endswith("16B"):
         return False  # 16-bit colour (RGB;16B, LA;16B...): Pillow keeps the high byte, DALI rounds v / 257
-    if image.format == "TIFF":
+    if image.format == "TIFF":  # DALI's TIFF decoder matches Pillow on plain 8-bit layouts only
         bits = image.tag_v2.get(258)
         bits = (bits,) if isinstance(bits, int) else tuple(bits or ())
         return bool(bits) and all(b == 8 for b in bits)
@@ -178,6 +178,7 @@ def inspect_file(path: str, convert_dir: str, stat: Optional[os.stat_result] = N
                     # scan data fails as it would at full size; the inverse DCT runs at 1/8.
                     image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
+                to_rgb(upright(image))  # what load_rgb does after decoding (EXIF parsing can fail too)
                 return Verdict(None, path)
             image.load()
             rgb = to_rgb(upright(image))
