@@ -153,8 +153,20 @@ class DataConfig(Section):
                                    "(an ImageNet tree restricted by data.class_list), CIFAR python pickles, STL-10 binaries "
                                    "(pre-training on train+unlabeled), the built-in demo, or random tensors. Layouts: README 'Data sets'.")
     root: Optional[str] = Field(None, description="Data set directory (required for every data set but demo/synthetic).")
-    train_split: str = Field("train", description="Sub-directory (ImageFolder) used for pre-training and the kNN memory bank.")
-    val_split: str = Field("val", description="Sub-directory (ImageFolder) used for kNN evaluation.")
+    train_split: str = Field("train", description="Sub-directory (ImageFolder) used for pre-training and the kNN memory bank; "
+                                                  "its sorted class folders define the class indices of every split.")
+    val_split: str = Field("val", description="Sub-directory (ImageFolder) used for kNN evaluation and by the evaluation commands; "
+                                              "labelled with train_split's class indices.")
+    unknown_val_classes: Literal["error", "exclude"] = Field(
+        "error", description="A class folder of val_split that train_split lacks: 'error' (names it), or 'exclude' "
+                             "(its images are left out, with a warning). A train class missing from val_split is a warning.")
+    check_cache: str = Field(
+        "auto", description="Where the start-up check (every image file is decoded once) keeps its verdicts, keyed by "
+                            "path, size and mtime, and the PNG copies of files DALI cannot decode itself: 'auto' = "
+                            "<root>/.mixfast when the data directory is writable, else <train.output_dir>/.mixfast; "
+                            "'off' = no verdict cache (every run checks every file); or a directory.")
+    check_threads: Optional[int] = Field(
+        None, ge=1, description="Threads per rank of the start-up check; null = the machine's CPUs / ranks per node.")
     image_size: int = Field(224, ge=8, description="Crop size of both views.")
     augmentation: Literal["mocov2", "mocov1", "cifar"] = Field(
         "mocov2", description="Two-view recipe, the same for both views: 'mocov2' (MoCo v2), 'mocov1' (MoCo v1), "
@@ -166,9 +178,10 @@ class DataConfig(Section):
     class_list: Optional[str] = Field(
         None, description="imagenet100: file with one ImageNet wnid per line; those class folders of train_split/val_split are used.")
     loader: Literal["auto", "dali", "torch"] = Field(
-        "auto", description="Pre-training loader: 'dali' (NVIDIA DALI pipelines, JPEG trees only), 'torch' (PIL + DataLoader), "
-                            "'auto' = dali when DALI is importable and the data set is a JPEG tree (imagefolder, "
-                            "tinyimagenet, imagenet100), else torch.")
+        "auto", description="Pre-training loader: 'dali' (NVIDIA DALI pipelines, image folders only), 'torch' (PIL + "
+                            "DataLoader), 'auto' = dali when DALI is importable and the data set is an image folder "
+                            "(imagefolder, tinyimagenet, imagenet100), else torch. Both read the same files, decode "
+                            "them to the same pixels and count skipped files alike (README 'Data sets').")
     dali_device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Where the DALI pipeline decodes and augments: 'gpu' (decoders device='mixed'), 'cpu' "
                             "(device_id=None), 'auto' = gpu when the trainer runs on CUDA.")

@@ -102,7 +102,7 @@ class Trainer:
         self.per_rank_batch = cfg.train.batch_size // self.world
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
-        self.data = build_datasets(cfg.data)
+        self.data = build_datasets(cfg.data, run_dir=cfg.train.output_dir)  # the run dir lists skipped files
         # torch DataLoader or DALI pipeline (data.loader); the DALI one has state_dict() for the checkpoint
         self.train_loader = build_pretrain_loader(cfg, self.data, self.per_rank_batch, self.rank, self.world, device)
         self.steps_per_epoch = len(self.train_loader.sampler) // self.per_rank_batch
@@ -224,7 +224,7 @@ class Trainer:
     def fit(self) -> None:
         cfg, state = self.cfg, self.state
         budget = self._budget()
-        info(f"{self.world} rank(s) on {self.device}; {len(self.data.train)} training images, "
+        info(f"{self.world} rank(s) on {self.device}; {self.data.describe_train()}, "
              f"{self.steps_per_epoch} steps/epoch, {budget} steps to run"
              + (f", resuming at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})" if state.step else ""))
         if cfg.eval.knn_at_start and state.knn_random_init is None:
@@ -271,7 +271,7 @@ class Trainer:
             torch.save(export_torchvision_state_dict(self.engine.module.backbone), path)
             info(f"exported backbone (torchvision state_dict) to {path}")
             if self.state.skipped_images:
-                info(f"skipped {self.state.skipped_images} unreadable images")
+                info(f"skipped {self.state.skipped_images} unreadable images (each unreadable file once per epoch)")
             if self.state.knn_random_init is not None:
                 print(f"kNN top-1: random-init {self.state.knn_random_init:.2f}% -> trained {final:.2f}%", flush=True)
             else:

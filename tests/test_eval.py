@@ -8,6 +8,8 @@ import json
 import math
 import os
 import pickle
+import re
+import warnings
 import shutil
 from pathlib import Path
 
@@ -413,3 +415,138 @@ def test_module_entry_point_runs_and_reports_bad_paths_without_traceback(run_dir
     bad = subprocess.run([sys.executable, "-m", "mixfast.eval.knn", str(missing)], cwd=repo, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and str(missing) in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- image folders: class maps, skipped files, one-line errors -----------------------------------------
+
+
+def _write_folders(root: Path, train=("a", "b", "c"), val=("a", "c"), per_class: int = 4) -> dict:
+    """train/<class>/<i>.jpg (noise, distinct) and val/<class>/<i>.jpg byte copies of the first two
+    train images of the same class, plus one damaged file in each split. Returns the copies."""
+    rng = np.random.default_rng(0)
+    copies = {}
+    for c in train:
+        (root / "train" / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "train" / c / f"{i}.jpg")
+    for c in val:
+        (root / "val" / c).mkdir(parents=True)
+        for i in range(2):
+            source = root / "train" / c / f"{i}.jpg" if c in train else None
+            data = source.read_bytes() if source else _jpeg_bytes(rng)
+            (root / "val" / c / f"{i}.jpg").write_bytes(data)
+            copies[str(root / "val" / c / f"{i}.jpg")] = c
+    good = (root / "train" / train[0] / "0.jpg").read_bytes()
+    (root / "train" / train[0] / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "val" / val[0] / "empty.jpg").write_bytes(b"")
+    (root / "val" / val[0] / "._0.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    return copies
+
+
+def _jpeg_bytes(rng) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _folder_args(root: Path) -> list[str]:
+    return ["--set", "data.name=imagefolder", "--set", f"data.root={root}", "--set", "data.image_size=16",
+            "--no-progress"]
+
+
+def test_knn_labels_val_by_the_training_classes_and_reports_used_and_skipped(run_dir, tmp_path, capsys):
+    """val lacks train class 'b': its classes keep the training indices (a=0, c=2), so val images
+    that are byte copies of training images find themselves (k=1): 100%, not the 50% of val
+    numbered by its own folders. One unreadable file per split is skipped and counted."""
+    root = tmp_path / "data"
+    _write_folders(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = knn.main([str(run_dir), "--k", "1", "--out", str(tmp_path / "knn"), *_folder_args(root)])
+    assert record["top1"] == 100.0
+    assert any("training classes have no folder here (b)" in str(w.message) for w in caught)
+    assert record["data"]["images"] == {"train": {"used": 12, "skipped": 1, "ignored": 0},
+                                        "test": {"used": 4, "skipped": 1, "ignored": 1}}
+    assert (record["data"]["train_images"], record["data"]["test_images"]) == (12, 4)
+    out = capsys.readouterr().out
+    assert "images: bank 12 used, 1 unreadable skipped; test 4 used, 1 unreadable skipped" in out
+    listed = (tmp_path / "knn" / "skipped_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0] for line in listed) == [str(root / "train" / "a" / "truncated.jpg"),
+                                                              str(root / "val" / "a" / "empty.jpg")]
+    assert _metrics(tmp_path / "knn" / "knn_metrics.json")["data"]["images"] == record["data"]["images"]
+
+
+def test_a_file_that_fails_when_read_is_skipped_and_counted(run_dir, tmp_path):
+    """A file whose cached verdict still holds (size and mtime kept) but that no longer decodes:
+    skipped when read, and counted with the others."""
+    root = tmp_path / "data"
+    _write_folders(root, val=("a", "b", "c"))
+    knn.main([str(run_dir), "--k", "1", "--out", str(tmp_path / "first"), *_folder_args(root)])  # caches the check
+    rotten = root / "val" / "c" / "1.jpg"
+    stat = rotten.stat()
+    data = bytearray(rotten.read_bytes())
+    data[2:40] = b"\x00" * 38  # a damaged header, same size
+    rotten.write_bytes(bytes(data))
+    os.utime(rotten, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.warns(UserWarning, match=re.escape(str(rotten))):
+        record = knn.main([str(run_dir), "--k", "1", "--out", str(tmp_path / "second"), *_folder_args(root)])
+    assert record["data"]["images"]["test"] == {"used": 5, "skipped": 2, "ignored": 1}
+    assert record["top1"] == 100.0
+
+
+def test_val_class_unknown_to_train_is_an_error_or_excluded_by_flag(run_dir, tmp_path):
+    root = tmp_path / "data"
+    _write_folders(root, val=("a", "c", "zebra"))
+    with pytest.raises(SystemExit, match=r"data.val_split: .*/val has class folders that the training split lacks: "
+                                         r"zebra"):
+        knn.main([str(run_dir), "--out", str(tmp_path / "k"), *_folder_args(root)])
+    with pytest.warns(UserWarning, match="leaving out the class folders the training split lacks.*zebra"):
+        record = knn.main([str(run_dir), "--k", "1", "--out", str(tmp_path / "k"), "--exclude-unknown-classes",
+                           *_folder_args(root)])
+    assert record["data"]["images"]["test"]["used"] == 4 and record["top1"] == 100.0
+
+
+@pytest.mark.parametrize("case", ["empty class folder", "only hidden files", "missing val split"])
+def test_data_errors_are_one_line_naming_the_path(run_dir, tmp_path, case):
+    root = tmp_path / "data"
+    _write_folders(root)
+    if case == "empty class folder":
+        (root / "train" / "d").mkdir()
+        path, what = root / "train" / "d", "holds no image file"
+    elif case == "only hidden files":
+        (root / "train" / "d").mkdir()
+        (root / "train" / "d" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        path, what = root / "train" / "d", "holds no image file (1 hidden or non-image files ignored)"
+    else:
+        shutil.rmtree(root / "val")
+        path, what = root / "val", "does not exist"
+    for command in (knn.main, lambda a: linear.main([*a, "--epochs", "1"]),
+                    lambda a: finetune.main([*a, "--labels", "100", "--epochs", "1"])):
+        with pytest.raises(SystemExit) as stop:
+            command([str(run_dir), "--out", str(tmp_path / "out"), *_folder_args(root)])
+        message = str(stop.value)
+        assert message.startswith("mixfast: data.") and str(path) in message and what in message
+        assert "\n" not in message
+
+
+def test_linear_and_finetune_report_used_and_skipped_images(run_dir, tmp_path, capsys):
+    root = tmp_path / "data"
+    _write_folders(root)
+    record = linear.main([str(run_dir), "--epochs", "1", "--batch-size", "8", "--augment", "none",
+                          "--out", str(tmp_path / "lin"), *_folder_args(root)])
+    assert record["data"]["images"]["train"] == {"used": 12, "skipped": 1, "ignored": 0}
+    assert record["data"]["images"]["test"] == {"used": 4, "skipped": 1, "ignored": 1}
+    assert "images: train 12 used, 1 unreadable skipped; val 4 used, 1 unreadable skipped" in capsys.readouterr().out
+    record = finetune.main([str(run_dir), "--labels", "10", "--epochs", "1", "--batch-size", "8",
+                            "--out", str(tmp_path / "ft"), *_folder_args(root)])
+    assert record["data"]["images"]["train"] == {"used": 3, "skipped": 1, "ignored": 0}  # the subset: 1 per class
+    assert record["subset"]["images"] == 3
+    listed = [x for x in Path(record["subset"]["file"]).read_text().splitlines() if not x.startswith("#")]
+    assert sorted(x.split(os.sep)[0] for x in listed) == ["a", "b", "c"]  # paths relative to the split
+    assert all((root / "train" / x).is_file() and "truncated" not in x for x in listed)
+    (tmp_path / "bad_subset.txt").write_text("a/truncated.jpg\n")
+    with pytest.raises(SystemExit, match=r"bad_subset.txt:1: 'a/truncated.jpg' is an unreadable image"):
+        finetune.main([str(run_dir), "--labels", "10", "--epochs", "1", "--subset-file",
+                       str(tmp_path / "bad_subset.txt"), "--out", str(tmp_path / "ft2"), *_folder_args(root)])

@@ -31,8 +31,9 @@ capped at the torch path's fixed kernel (23 px at 224).
 
 Sharding, epochs and resume:
 
-- The file list (already scanned: files failing ``mixfast.data.files.image_problem`` are
-  dropped and counted) is permuted once with ``train.seed`` and cut to a multiple of the
+- The file list (already checked: files that do not decode were removed and are counted, see
+  ``mixfast.data.check``; files in formats DALI does not decode to the same pixels are read
+  from their converted PNG copies) is permuted once with ``train.seed`` and cut to a multiple of the
   number of ranks, so every shard holds the same ``M`` files and every rank runs the same
   ``M // batch`` steps per epoch (the last ``M % batch`` are dropped, as ``drop_last`` does).
 - The reader reshuffles the whole list after every epoch (``shuffle_after_epoch``, seeded
@@ -48,11 +49,27 @@ Sharding, epochs and resume:
   ``load_state_dict()`` rebuilds the pipeline from it. Without a saved state (or for a
   position other than the saved one) the loader rebuilds and fast-forwards, which is exact
   too (the pipeline is deterministic), only slower.
+
+Run-time guard: a file that passed the start-up check but that DALI still cannot read or decode
+(Pillow and DALI's decoders disagree on a few damaged files, e.g. a PNG whose IDAT checksum is
+wrong: Pillow does not verify it, libpng refuses it) makes ``pipe.run()`` raise and leaves the
+pipeline unusable. The loader then finds the file in the error message (DALI names it), marks
+its list position failed, and rebuilds the pipeline with that slot reading a substitute (the
+next position that has not failed, whose label and index its rows carry, like the torch
+loader's refill), restored from the state of the last batch consumed (``pipe.checkpoint()``
+after every batch: a few KB, well under a millisecond), and runs the batch again. Nothing else
+is lost: every other sample, augmentation and position is what it would have been. The
+failed positions travel in the checkpoint, so a resumed run rebuilds the same list; as every
+random operator draws per sample slot and the failing file was never decoded before it
+failed, the result is the same whichever saved state the pipeline is rebuilt from, and a run
+killed and restarted logs the uninterrupted run's losses. The file is named once and counted
+in ``skipped`` in every batch that draws its slot.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import Iterator, Optional, Sequence
 
@@ -86,12 +103,38 @@ def dali_available() -> bool:
     return True
 
 
+def _decode(fn, types, encoded, decoder_device: str, area: list, aspect: list):
+    """Decode a random-resized-crop window (only that region is decoded) as 8-bit RGB, EXIF
+    orientation applied (DALI's decoders apply it; so does the torch path's loader)."""
+    return fn.decoders.image_random_crop(encoded, device=decoder_device, output_type=types.RGB, random_area=area,
+                                         random_aspect_ratio=aspect, num_attempts=10, **_DECODE_KW)
+
+
+def decode_full(paths: Sequence[str], device: str = "cpu", device_id: Optional[int] = None,
+                num_threads: int = 1) -> list[np.ndarray]:
+    """The whole images as the training pipeline's decoder gives them ([H, W, 3] uint8 each):
+    its ``_decode`` with the window forced to the full image (area 1; an aspect ratio range
+    so wide that the drawn windows never fit and the decoder falls back to the whole image)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(paths), num_threads=num_threads, device_id=device_id if device == "gpu" else None,
+                  seed=1)
+    def decode():
+        encoded, _ = fn.readers.file(files=list(paths), labels=list(range(len(paths))))
+        return _decode(fn, types, encoded, "mixed" if device == "gpu" else "cpu", [1.0, 1.0], [1e-3, 1e3])
+
+    pipe = decode()
+    pipe.build()
+    (out,) = pipe.run()
+    if device == "gpu":
+        out = out.as_cpu()
+    return [np.asarray(out[i]) for i in range(len(paths))]
+
+
 def _view(fn, types, jpegs, *, size, recipe, min_scale, hflip, decoder_device, blur_window, layout):
     """One augmented view of the encoded JPEGs (DALI graph code, runs inside a pipeline_def)."""
     p = RECIPE_PARAMS[recipe]
-    img = fn.decoders.image_random_crop(jpegs, device=decoder_device, output_type=types.RGB,
-                                        random_area=[min_scale, 1.0], random_aspect_ratio=list(_ASPECT),
-                                        num_attempts=10, **_DECODE_KW)
+    img = _decode(fn, types, jpegs, decoder_device, [min_scale, 1.0], list(_ASPECT))
     resize_kw = {**_RESIZE_KW, "interp_type": getattr(types, _RESIZE_KW["interp_type"])}
     img = fn.resize(img, resize_x=size, resize_y=size, **resize_kw)
     b, c, s, h = p["jitter"]
@@ -121,6 +164,37 @@ def _view(fn, types, jpegs, *, size, recipe, min_scale, hflip, decoder_device, b
                                     mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])
 
 
+def _reader_args(files: Sequence[str], shard_id: int, num_shards: int, seed: int) -> dict:
+    """The file reader's arguments: its "label" is the sample's position in ``files``."""
+    return dict(files=list(files), labels=list(range(len(files))), name="reader", shard_id=shard_id,
+                num_shards=num_shards, shuffle_after_epoch=True, shuffle_after_epoch_seed=seed % _SEED_MOD,
+                pad_last_batch=True)
+
+
+def reader_positions(n: int, *, batch_size: int, shard_id: int, num_shards: int, seed: int, batches: int) -> list:
+    """The list positions the training pipeline's reader hands out in its first ``batches``
+    batches, without reading the data: the same reader over ``n`` copies of one small file (its
+    order depends on the list's length, the shard and the seed, not on the files)."""
+    import os
+    import tempfile
+
+    from nvidia.dali import fn, pipeline_def
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dummy = os.path.join(tmp, "sample")
+        with open(dummy, "wb") as f:
+            f.write(b"x")
+
+        @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1)
+        def positions():
+            _, index = fn.readers.file(**_reader_args([dummy] * n, shard_id, num_shards, seed))
+            return index
+
+        pipe = positions()
+        pipe.build()
+        return [np.asarray(pipe.run()[0].as_tensor()).reshape(-1).tolist() for _ in range(batches)]
+
+
 def build_two_view_pipeline(files: Sequence[str], *, batch_size: int, shard_id: int, num_shards: int, seed: int,
                             recipe: str, image_size: int, min_scale: Optional[float], hflip: bool, num_threads: int,
                             device: str, device_id: Optional[int], prefetch: int, channels_last: bool = False,
@@ -136,9 +210,7 @@ def build_two_view_pipeline(files: Sequence[str], *, batch_size: int, shard_id: 
 
     @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
     def two_views():
-        jpegs, index = fn.readers.file(files=list(files), labels=list(range(len(files))), name="reader",
-                                       shard_id=shard_id, num_shards=num_shards, shuffle_after_epoch=True,
-                                       shuffle_after_epoch_seed=seed % _SEED_MOD, pad_last_batch=True)
+        jpegs, index = fn.readers.file(**_reader_args(files, shard_id, num_shards, seed))
         kw = dict(size=image_size, recipe=recipe, min_scale=min_scale, hflip=hflip, decoder_device=decoder_device,
                   blur_window=blur_kernel_size(image_size), layout="HWC" if channels_last else "CHW")
         return _view(fn, types, jpegs, **kw), _view(fn, types, jpegs, **kw), index
@@ -178,17 +250,20 @@ class DaliTwoViewLoader:
     ``dtype`` (fp32 or bf16) ``[B, 3, S, S]`` tensors, channels_last or contiguous NCHW (the
     pipeline writes the layout asked for, HWC or CHW, so no transposition is needed).
 
-    ``samples`` are the readable files (``indices``: their indices in the data set, default
-    0..n-1); ``num_bad_files`` how many were dropped. ``skipped`` counts the files dropped by the integrity scan: bad file ``j`` is charged to
-    rank ``j % world`` in the first batch of every epoch, so over all ranks each bad file is
-    counted once per epoch, as the torch loader counts the items it fails to decode.
+    ``samples`` are the files that passed the start-up check (``indices``: their indices in the
+    data set, default 0..n-1; ``read_paths``: the file DALI reads for each, the file itself or
+    its converted copy, default the sample's path); ``num_bad_files`` how many the check removed.
+    ``skipped`` counts them as the torch loader does: bad file ``j`` is charged to rank
+    ``j % world`` in the first batch of every epoch, so over all ranks each is counted once per
+    epoch. A file that fails to decode inside the pipeline is handled by the run-time guard
+    (module docstring) and counted in every batch that draws its slot.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], num_bad_files: int = 0, *, batch_size: int, rank: int,
                  world_size: int, seed: int, recipe: str, image_size: int, min_scale: Optional[float] = None,
                  hflip: bool = True, num_threads: int = 2, device: str = "cpu", device_id: Optional[int] = None,
                  prefetch: int = 2, dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 indices: Optional[Sequence[int]] = None):
+                 indices: Optional[Sequence[int]] = None, read_paths: Optional[Sequence[str]] = None, report=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
         if device not in ("cpu", "gpu"):
@@ -197,15 +272,23 @@ class DaliTwoViewLoader:
         if n == 0:
             raise ValueError(f"{len(samples)} readable images cannot feed {world_size} ranks")
         order = np.random.default_rng(np.random.SeedSequence([seed % 2**63, 2])).permutation(len(samples))[:n]
-        self.paths = [samples[i][0] for i in order]
+        reads = [p for p, _ in samples] if read_paths is None else list(read_paths)
+        # The reader's list, position -> file; the names the user knows (``sample_paths``) and
+        # the files DALI reads (``read_paths``: a converted copy for some) in the same order.
+        self.sample_paths = [samples[i][0] for i in order]
+        self.read_paths = [reads[i] for i in order]
         # file-list position -> data set index (``indices``: the data set index of each sample)
-        self.dataset_index = torch.as_tensor(order if indices is None else np.asarray(indices)[order], dtype=torch.int64)
-        self.labels = torch.as_tensor([samples[i][1] for i in order], dtype=torch.int64)
+        self._index0 = torch.as_tensor(order if indices is None else np.asarray(indices)[order], dtype=torch.int64)
+        self._labels0 = torch.as_tensor([samples[i][1] for i in order], dtype=torch.int64)
+        self._position_of = {path: k for k, path in enumerate(self.read_paths)}
+        self.failed: dict[int, str] = {}  # list position -> why DALI could not decode it
+        self._apply_failed()
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.samples_per_rank = n // world_size
         self.steps_per_epoch = self.samples_per_rank // batch_size
         self.reader_batches_per_epoch = math.ceil(self.samples_per_rank / batch_size)
         self.skipped_per_epoch = len(range(rank, num_bad_files, world_size))
+        self.report = report
         self.dtype, self.channels_last, self.device = dtype, channels_last, device
         self.out_device = torch.device("cuda", device_id if device_id is not None else 0) if device == "gpu" else torch.device("cpu")
         self._pipe_args = dict(batch_size=batch_size, shard_id=rank, num_shards=world_size, seed=seed, recipe=recipe,
@@ -214,8 +297,85 @@ class DaliTwoViewLoader:
         self.sampler = _EpochPosition(self)
         self._pipe = None
         self._pos = (0, 0)  # (epoch, reader batches consumed in it) of the built pipeline
-        self._saved: Optional[dict] = None
+        self._saved: Optional[dict] = None  # from load_state_dict
+        self._snapshot: Optional[dict] = None  # the built pipeline's state at its last consumed batch
         self.epoch, self.start_batch = 0, 0
+
+    # --- the run-time guard ---------------------------------------------------------------
+    def _apply_failed(self) -> None:
+        """The reader's list with every failed position read as its substitute (the next position
+        that has not failed), whose label and index its rows then carry."""
+        n = len(self.read_paths)
+        if len(self.failed) >= n:
+            raise RuntimeError(f"DALI could not decode any of the {n} files of its list; check the data set")
+        self._substitute = {}
+        for k in self.failed:
+            j = (k + 1) % n
+            while j in self.failed:
+                j = (j + 1) % n
+            self._substitute[k] = j
+        self.paths = [self.read_paths[self._substitute.get(k, k)] for k in range(n)]
+        take = torch.as_tensor([self._substitute.get(k, k) for k in range(n)], dtype=torch.int64)
+        self.labels, self.dataset_index = self._labels0[take], self._index0[take]
+        self._is_substitute = torch.zeros(n, dtype=torch.bool)
+        self._is_substitute[list(self.failed)] = True
+
+    def _failed_files(self, err: Exception) -> dict[int, str]:
+        """List position -> reason of the files behind a DALI error: the file the message names
+        ('Failed to decode sample #3 : PATH', 'File mapping failed: PATH'); when it names none
+        (nvImageCodec's parser says only 'nvImageCodec failure'), each file of the failing batch
+        decoded alone, and those that fail."""
+        for line in str(err).splitlines():
+            for sep in (" : ", ": "):
+                path = line.rsplit(sep, 1)[-1].strip()
+                k = self._position_of.get(path)
+                if k is not None and k not in self.failed:
+                    reason = re.sub(r"\s*sample #\d+", "", line.replace(path, "")).strip(" :")
+                    return {k: f"DALI: {reason or 'could not decode it'}"}
+        batch = reader_positions(len(self.paths), batch_size=self.batch_size, shard_id=self.rank,
+                                 num_shards=self.world_size, seed=self.seed,
+                                 batches=self._absolute(self._pos) + 1)[-1]
+        found = {}
+        for k in dict.fromkeys(batch):
+            if k in self.failed:
+                continue
+            try:
+                decode_full([self.paths[k]], self.device, self._pipe_args["device_id"])
+            except RuntimeError as alone:
+                why = next((x.strip() for x in str(alone).splitlines() if "failure" in x or "Failed" in x),
+                           "could not decode it")
+                found[k] = f"DALI: {why.replace(self.paths[k], '').strip(' :')}"
+        return found
+
+    def _run(self):
+        """The next reader batch, through the guard: a file the pipeline cannot read or decode is
+        marked failed, the pipeline rebuilt at the same position (from the state of the last
+        batch consumed) with the file's slot read as its substitute, and the batch run again."""
+        for _ in range(self.batch_size + 1):
+            try:
+                outputs = self._pipe.run()
+                break
+            except RuntimeError as err:
+                found = self._failed_files(err)
+                if not found:
+                    raise RuntimeError(f"DALI pipeline of rank {self.rank} failed at epoch {self._pos[0]}, batch "
+                                       f"{self._pos[1]}, and no file of that batch fails alone:\n{err}") from err
+                self.failed.update(found)
+                self._apply_failed()
+                for k in found:
+                    note = f"its slot now reads {self.sample_paths[self._substitute[k]]}"
+                    _name_failed(self.report, self.sample_paths[k], self.failed[k], f"by DALI's decoder ({note})")
+                self._pipe = None
+                self._seek(*self._pos, quiet=True)
+        else:
+            raise RuntimeError(f"DALI pipeline of rank {self.rank} kept failing at epoch {self._pos[0]}, batch "
+                               f"{self._pos[1]}")
+        e, b = self._pos
+        self._pos = (e, b + 1) if b + 1 < self.reader_batches_per_epoch else (e + 1, 0)
+        # A few KB and well under a millisecond (the reader's position and the random operators'
+        # state); it lets the guard rebuild the pipeline right here instead of replaying the epoch.
+        self._snapshot = {"position": list(self._pos), "dali": self._pipe.checkpoint()}
+        return outputs
 
     # --- position ---------------------------------------------------------------------------
     @property
@@ -234,31 +394,29 @@ class DaliTwoViewLoader:
     def _absolute(self, pos: tuple[int, int]) -> int:
         return pos[0] * self.reader_batches_per_epoch + pos[1]
 
-    def _seek(self, epoch: int, batch: int) -> None:
-        """Bring the pipeline to ``(epoch, batch)``: reuse it, restore the saved checkpoint, or
-        rebuild from scratch, then run and discard batches up to the target."""
+    def _seek(self, epoch: int, batch: int, quiet: bool = False) -> None:
+        """Bring the pipeline to ``(epoch, batch)``: reuse it, or rebuild it from the newest saved
+        state at or before the target (the checkpoint's, or the guard's snapshot), else from
+        scratch, then run and discard batches up to the target."""
         target = self._absolute((epoch, batch))
         if self._pipe is None or self._absolute(self._pos) > target:
             self._pipe, self._pos = None, (0, 0)
+            states = [s for s in (self._saved, self._snapshot)
+                      if s is not None and s.get("dali") is not None and self._absolute(s["position"]) <= target]
+            best = max(states, key=lambda s: self._absolute(s["position"]), default=None)
             checkpoint = None
-            if self._saved is not None and self._absolute(self._saved["position"]) <= target:
-                checkpoint, self._pos = self._saved["dali"], tuple(self._saved["position"])
+            if best is not None:
+                checkpoint, self._pos = best["dali"], tuple(best["position"])
             self._pipe = build_two_view_pipeline(self.paths, checkpoint=checkpoint, **self._pipe_args)
         behind = target - self._absolute(self._pos)
         tail_only = batch == 0 and self._pos == (epoch - 1, self.steps_per_epoch) and \
             behind == self.reader_batches_per_epoch - self.steps_per_epoch
-        if behind > 0 and not tail_only:
+        if behind > 0 and not tail_only and not quiet:
             warnings.warn(f"DALI loader: fast-forwarding {behind} batches to epoch {epoch}, batch {batch} (no saved "
                           f"pipeline state for this position: the skipped batches are decoded and dropped)",
                           stacklevel=3)
         while self._absolute(self._pos) < target:
             self._run()
-
-    def _run(self):
-        outputs = self._pipe.run()
-        e, b = self._pos
-        self._pos = (e, b + 1) if b + 1 < self.reader_batches_per_epoch else (e + 1, 0)
-        return outputs
 
     # --- iteration --------------------------------------------------------------------------
     def _to_torch(self, tensor_list) -> torch.Tensor:
@@ -282,8 +440,9 @@ class DaliTwoViewLoader:
         for b in range(first, self.steps_per_epoch):
             x1, x2, index = self._run()
             pos = torch.from_numpy(np.asarray(index.as_tensor()).reshape(-1).astype(np.int64))
+            skipped = int(self._is_substitute[pos].sum()) + (self.skipped_per_epoch if b == 0 else 0)
             yield {"x1": self._to_torch(x1), "x2": self._to_torch(x2), "label": self.labels[pos],
-                   "index": self.dataset_index[pos], "skipped": self.skipped_per_epoch if b == 0 else 0}
+                   "index": self.dataset_index[pos], "skipped": skipped}
         # The padded tail batch of the shard (if any) belongs to this epoch: discard it now so
         # the next epoch starts at its first batch.
         while self._pos[0] == epoch:
@@ -297,7 +456,8 @@ class DaliTwoViewLoader:
         A collective when torch.distributed is initialised (every rank calls it, as every
         rank calls ``checkpoint.save``): DeepSpeed writes the client state of data-parallel
         rank 0 only, so that state must hold all ranks' pipelines."""
-        own = {"position": list(self._pos), "dali": self._pipe.checkpoint() if self._pipe is not None else None}
+        own = {"position": list(self._pos), "dali": self._pipe.checkpoint() if self._pipe is not None else None,
+               "failed": {self.read_paths[k]: why for k, why in sorted(self.failed.items())}}
         ranks = [own]
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
             ranks = [None] * self.world_size
@@ -310,41 +470,35 @@ class DaliTwoViewLoader:
                           "to the checkpoint's position instead)", stacklevel=2)
             return
         own = state["ranks"][self.rank if len(state["ranks"]) > 1 else 0]
-        self._pipe, self._pos = None, (0, 0)
+        # Files the guard found before the checkpoint: their slots read their substitutes again,
+        # as in the run that saved it (a file no longer listed is ignored).
+        failed = {self._position_of[p]: why for p, why in own.get("failed", {}).items() if p in self._position_of}
+        if failed != self.failed:
+            self.failed = failed
+            self._apply_failed()
+        self._pipe, self._pos, self._snapshot = None, (0, 0), None
         self._saved = own if own.get("dali") is not None else None
 
 
-def build_dali_loader(data_cfg, samples: Sequence[tuple[str, int]], *, batch_size: int, rank: int, world_size: int,
-                      seed: int, device: torch.device, dtype: torch.dtype, channels_last: bool) -> DaliTwoViewLoader:
-    """Scan ``samples`` (the torch data set's ``(path, label)`` list), then the loader of ``data_cfg``."""
-    from mixfast.data.files import image_problems
+def _name_failed(report, path: str, reason: str, when: str) -> None:
+    from mixfast.data.loader import name_files
 
-    # Each rank checks every world_size-th file and the verdicts are exchanged, so a node of
-    # 8 ranks reads each header once, not 8 times.
-    mine = range(rank, len(samples), world_size)
-    found = [(i, problem) for i, problem in zip(mine, image_problems([samples[i][0] for i in mine])) if problem]
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        everyone = [None] * world_size
-        torch.distributed.all_gather_object(everyone, found)
-        found = sorted(item for part in everyone for item in part)
-    elif world_size > 1:  # no process group (tests, tools): check the other ranks' files here
-        others = [i for i in range(len(samples)) if i % world_size != rank]
-        found = sorted(found + [(i, pr) for i, pr in zip(others, image_problems([samples[i][0] for i in others])) if pr])
-    bad_index = {i for i, _ in found}
-    good = [i for i in range(len(samples)) if i not in bad_index]
-    bad = [(samples[i][0], problem) for i, problem in found]
-    if bad and rank == 0:
-        shown = "; ".join(f"{p}: {why}" for p, why in bad[:10])
-        warnings.warn(f"skipping {len(bad)} unreadable images{' (first 10)' if len(bad) > 10 else ''}: {shown}",
-                      stacklevel=2)
+    name_files(report, [(path, reason)], when)
+
+
+def build_dali_loader(data_cfg, base, *, batch_size: int, rank: int, world_size: int, seed: int,
+                      device: torch.device, dtype: torch.dtype, channels_last: bool) -> DaliTwoViewLoader:
+    """The DALI loader of ``data_cfg`` over ``base`` (the training split's ``SafeImageList``: its
+    checked samples, the file DALI reads for each, and the files the check removed)."""
     where = data_cfg.dali_device
     if where == "auto":
         where = "gpu" if device.type == "cuda" else "cpu"
     if where == "gpu" and device.type != "cuda":
         raise ValueError("data.dali_device='gpu' needs the trainer on a CUDA device")
     return DaliTwoViewLoader(
-        [samples[i] for i in good], len(bad), indices=good, batch_size=batch_size, rank=rank, world_size=world_size,
-        seed=seed, recipe=data_cfg.augmentation, image_size=data_cfg.image_size, min_scale=data_cfg.crop_min_scale,
-        hflip=data_cfg.hflip, num_threads=data_cfg.dali_threads or max(1, data_cfg.num_workers), device=where,
-        device_id=(torch.cuda.current_device() if device.index is None else device.index) if where == "gpu" else None, prefetch=data_cfg.dali_prefetch, dtype=dtype,
-        channels_last=channels_last)
+        base.samples, len(base.skipped), read_paths=base.read_paths, report=base.report, batch_size=batch_size,
+        rank=rank, world_size=world_size, seed=seed, recipe=data_cfg.augmentation, image_size=data_cfg.image_size,
+        min_scale=data_cfg.crop_min_scale, hflip=data_cfg.hflip,
+        num_threads=data_cfg.dali_threads or max(1, data_cfg.num_workers), device=where,
+        device_id=(torch.cuda.current_device() if device.index is None else device.index) if where == "gpu" else None,
+        prefetch=data_cfg.dali_prefetch, dtype=dtype, channels_last=channels_last)

@@ -1,11 +1,17 @@
 """Data sets for pre-training and the kNN monitor.
 
 Design: every *base* data set returns ``(PIL RGB image, int label)``; the wrappers
-``TwoViewDataset`` and ``EvalDataset`` apply the transforms. A base item may be ``None``
-(``SafeImageFolder`` on an unreadable file); wrappers pass the ``None`` through and the
-collate functions in ``mixfast.data.loader`` drop it and count it. Counting in the
-collate rather than in the data set is what makes the count survive DataLoader worker
-processes, whose copies of the data set do not share state with the trainer.
+``TwoViewDataset`` and ``EvalDataset`` apply the transforms. A base item may be ``Unreadable``
+(``SafeImageList`` on a file that fails to decode); wrappers pass it through and the
+collate functions in ``mixfast.data.loader`` drop it and hand its name to the loader, which
+counts it and names it once. Counting after the collate rather than in the data set is what
+makes the count survive DataLoader worker processes, whose copies of the data set do not
+share state with the trainer.
+
+The image-folder data sets (``imagefolder``, ``tinyimagenet``, ``imagenet100``) are listed by
+``mixfast.data.files`` (the val split labelled with the training split's classes) and checked
+by ``mixfast.data.check.check_files`` when built: files that do not decode are removed from
+both splits before any loader sees them, the same for the torch and the DALI loader.
 """
 
 from __future__ import annotations
@@ -14,9 +20,8 @@ import gzip
 import importlib.util
 import os
 import pickle
-import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import mixfast._compat  # noqa: F401  (must run before torchvision is imported)
 
@@ -24,10 +29,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets import ImageFolder
 
 from mixfast.config import DataConfig
 from mixfast.data import files as file_lists
+from mixfast.data.check import SkipReport, cache_dir, check_files, describe_error, load_rgb
 from mixfast.data.transforms import TwoViews, eval_transform, two_view_transform
 
 Sample = Optional[tuple[Image.Image, int]]
@@ -78,54 +83,65 @@ class CIFARPickle(Dataset):
 
 
 # ---------------------------------------------------------------------------------------
-# ImageFolder that survives corrupt files
+# Image folders that survive unreadable files
 # ---------------------------------------------------------------------------------------
 
 
-def _require_dir(path: str) -> None:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"data directory not found: {path}")
+class Unreadable(NamedTuple):
+    """The item of a file that failed to decode: the collate functions drop it and the loaders
+    count it and name the file once (in the main process, not in each worker)."""
+
+    path: str
+    reason: str
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        return image.convert("RGB")  # convert() decodes fully, so corruption surfaces here
+def is_unreadable(item) -> bool:
+    return item is None or isinstance(item, Unreadable)
 
 
-class SafeImageFolder(ImageFolder):
-    """``torchvision.datasets.ImageFolder`` whose unreadable images become ``None`` items.
-
-    One corrupt JPEG among a million must not end a multi-day run: the file is named in
-    a warning and the collate function drops the item and counts it.
-    """
-
-    def __init__(self, root: str):
-        _require_dir(root)
-        super().__init__(root)
-
-    def __getitem__(self, index: int) -> Sample:
-        path, label = self.samples[index]
-        try:
-            image = _load_rgb(path)
-        except Exception as err:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError...)
-            warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=2)
-            return None
-        return image, label
+def _require_dir(path: str, key: str = "data.root") -> None:
+    file_lists.require_dir(path, key)
 
 
 class SafeImageList(Dataset):
-    """Like ``SafeImageFolder`` over a ``mixfast.data.files.FileList`` (Tiny-ImageNet,
-    ImageNet-100, ...): ``samples``/``classes`` as in ImageFolder, unreadable files -> ``None``."""
+    """An image-folder split (a ``mixfast.data.files.FileList``): ``samples``, ``classes`` and
+    ``targets`` as in torchvision's ImageFolder, items ``(PIL RGB image, label)`` decoded by
+    ``mixfast.data.check.load_rgb`` (EXIF orientation applied), and an ``Unreadable`` item for a
+    file that fails to decode, so one bad file among a million does not end a multi-day run.
 
-    def __init__(self, files: file_lists.FileList):
+    ``read_paths``: the file the DALI loader reads for each sample (the file itself or its
+    converted copy); ``skipped``: ``[(path, reason)]`` removed by the start-up check;
+    ``ignored``: counts of hidden and non-image files; ``report``: names skipped files once."""
+
+    def __init__(self, files: file_lists.FileList, read_paths: Optional[list[str]] = None,
+                 report: Optional[SkipReport] = None, root: Optional[str] = None):
         self.samples, self.classes = files.samples, files.classes
         self.targets = [label for _, label in self.samples]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.read_paths = read_paths if read_paths is not None else [p for p, _ in self.samples]
+        self.skipped, self.ignored = list(files.skipped), files.ignored
+        self.report = report if report is not None else SkipReport()
+        self.root = root
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    __getitem__ = SafeImageFolder.__getitem__
+    def __getitem__(self, index: int) -> Sample:
+        path, label = self.samples[index]
+        try:
+            image = load_rgb(path)
+        except Exception as err:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, ValueError...)
+            return Unreadable(path, describe_error(err))
+        return image, label
+
+
+class SafeImageFolder(SafeImageList):
+    """One class-folder split (``root/<class>/**/<image>``), listed by ``mixfast.data.files``
+    (the same files as every loader and command), without the start-up check: a file that does
+    not decode becomes an ``Unreadable`` item when it is read."""
+
+    def __init__(self, root: str):
+        super().__init__(file_lists.class_folders(root), root=root)
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,7 +281,7 @@ class SyntheticImages(Dataset):
 
 
 class TwoViewDataset(Dataset):
-    """Pre-training items ``(x1, x2, label, index)``; ``None`` where the base item failed."""
+    """Pre-training items ``(x1, x2, label, index)``; ``Unreadable`` where the base item failed."""
 
     def __init__(self, base: Dataset, two_view_transform: TwoViews):
         self.base = base
@@ -279,8 +295,8 @@ class TwoViewDataset(Dataset):
         transforms draw from a torch RNG seeded with ``seed`` (global state restored after)."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.base[index]
-        if sample is None:
-            return None
+        if is_unreadable(sample):
+            return sample
         image, label = sample
         if seed is None:
             x1, x2 = self.two_view_transform(image)
@@ -292,7 +308,7 @@ class TwoViewDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """kNN items ``(x, label)``; ``None`` where the base item failed."""
+    """kNN items ``(x, label)``; ``Unreadable`` where the base item failed."""
 
     def __init__(self, base: Dataset, eval_transform: Callable):
         self.base = base
@@ -303,8 +319,8 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int):
         sample = self.base[index]
-        if sample is None:
-            return None
+        if is_unreadable(sample):
+            return sample
         image, label = sample
         return self.eval_transform(image), label
 
@@ -325,17 +341,67 @@ class Datasets:
     knn_test: EvalDataset  # test/val split under the eval transform
     num_classes: int
 
+    def describe_train(self) -> str:
+        """'N training images' and, for image folders, what was skipped or ignored (the trainer's start line)."""
+        base = self.train.base
+        text = f"{len(base)} training images"
+        return text + describe_left_out(base) if isinstance(base, SafeImageList) else text
 
-def _base_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
+
+def describe_left_out(base: "SafeImageList") -> str:
+    """' (3 unreadable files skipped, listed in RUN/skipped_files.txt; ignored: 2 hidden)', or ''."""
+    parts = []
+    if base.skipped:
+        where = f", listed in {base.report.path}" if base.report.path else ""
+        parts.append(f"{len(base.skipped)} unreadable file{'s' if len(base.skipped) != 1 else ''} skipped{where}")
+    converted = sum(1 for (path, _), read in zip(base.samples, base.read_paths) if read != path)
+    if converted:
+        parts.append(f"{converted} read by DALI through converted PNG copies")
+    ignored = ", ".join(f"{n} {why}" for why, n in sorted(base.ignored.items()) if n)
+    if ignored:
+        parts.append(f"ignored: {ignored}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def image_folder_splits(cfg: DataConfig, run_dir: Optional[str] = None) -> tuple[SafeImageList, SafeImageList]:
+    """The training and validation splits of an image-folder data set, listed (val labelled by the
+    training classes) and checked (unreadable files removed, named once, counted)."""
+    _require_dir(cfg.root)
+    train_files = file_lists.jpeg_tree(cfg.name, cfg.root, cfg.train_split, cfg.class_list, train=True)
+    test_files = file_lists.jpeg_tree(cfg.name, cfg.root, cfg.val_split, cfg.class_list, train=False,
+                                      classes=train_files.classes, unknown_classes=cfg.unknown_val_classes)
+    rank, world = _rank_and_world()
+    report = SkipReport(run_dir, rank)
+    paths = [p for p, _ in train_files.samples] + [p for p, _ in test_files.samples]
+    verdicts = check_files(paths, cfg.root, cache_dir(cfg.check_cache, cfg.root, run_dir), cfg.check_threads,
+                           rank, world, use_cache=cfg.check_cache != "off")
+    splits = []
+    for files, part, key in ((train_files, verdicts[:len(train_files.samples)], "data.train_split"),
+                             (test_files, verdicts[len(train_files.samples):], "data.val_split")):
+        good = [(s, v.read) for s, v in zip(files.samples, part) if v.problem is None]
+        bad = [(s[0], v.problem) for s, v in zip(files.samples, part) if v.problem is not None]
+        report.name(bad, f"by the start-up check of {key}")
+        checked = file_lists.FileList([s for s, _ in good], files.classes, files.ignored, files.skipped + bad)
+        splits.append(SafeImageList(checked, [r for _, r in good], report, root=os.path.join(cfg.root, _split_dir(cfg, key))))
+    return splits[0], splits[1]
+
+
+def _split_dir(cfg: DataConfig, key: str) -> str:
+    if cfg.name == "tinyimagenet":
+        return "train" if key == "data.train_split" else os.path.join("val", "images")
+    return cfg.train_split if key == "data.train_split" else cfg.val_split
+
+
+def _base_splits(cfg: DataConfig, run_dir: Optional[str] = None) -> tuple[Dataset, Dataset, int]:
     """(train split, test split, number of classes) as PIL data sets."""
-    if cfg.name == "imagefolder":
-        _require_dir(cfg.root)
-        train = SafeImageFolder(os.path.join(cfg.root, cfg.train_split))
-        test = SafeImageFolder(os.path.join(cfg.root, cfg.val_split))
-        return train, test, len(train.classes)
-    if cfg.name in ("tinyimagenet", "imagenet100"):
-        train = SafeImageList(file_lists.jpeg_tree(cfg.name, cfg.root, cfg.train_split, cfg.class_list, train=True))
-        test = SafeImageList(file_lists.jpeg_tree(cfg.name, cfg.root, cfg.val_split, cfg.class_list, train=False))
+    if cfg.name in file_lists.JPEG_TREES:
+        train, test = image_folder_splits(cfg, run_dir)
         return train, test, len(train.classes)
     if cfg.name == "stl10":
         # Pre-training reads train+unlabeled; the kNN monitor uses the labelled train split
@@ -355,9 +421,12 @@ def _base_splits(cfg: DataConfig) -> tuple[Dataset, Dataset, int]:
     raise ValueError(f"unknown data set {cfg.name!r}")
 
 
-def build_datasets(data_cfg: DataConfig) -> Datasets:
-    """Pre-training set plus the two kNN sets, with the configured recipe and crop size."""
-    train, test, num_classes = _base_splits(data_cfg)
+def build_datasets(data_cfg: DataConfig, run_dir: Optional[str] = None) -> Datasets:
+    """Pre-training set plus the two kNN sets, with the configured recipe and crop size.
+
+    ``run_dir``: where the list of skipped files is written (and the file-check cache when the
+    data directory is read-only); None: nowhere (the warnings still name the files)."""
+    train, test, num_classes = _base_splits(data_cfg, run_dir)
     recipe, size = data_cfg.augmentation, data_cfg.image_size
     evaluate = eval_transform(recipe, size)
     # STL-10: the unlabelled images (label -1) cannot vote in the kNN monitor.

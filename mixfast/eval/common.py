@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from mixfast.config import ConfigError, RunConfig, config_from_dict, dump_config
 from mixfast.data import EvalDataset, build_datasets, collate_eval, eval_transform, normalize
+from mixfast.data.loader import EvalLoader
 from mixfast.engine.checkpoint import CHECKPOINTS, STEP_TAG
 from mixfast.engine.logging import info
 from mixfast.models import build_backbone
@@ -242,6 +243,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="override model.cifar_stem")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key, e.g. --set data.root=/data/imagenet (repeatable)")
+    parser.add_argument("--exclude-unknown-classes", action="store_true",
+                        help="leave out (with a warning) the val class folders that the training split lacks, "
+                             "instead of stopping (data.unknown_val_classes=exclude)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN/eval/<command>)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order, augmentations and init")
@@ -272,7 +276,8 @@ def setup(args: argparse.Namespace) -> tuple[BackboneSource, RunConfig, nn.Modul
     """Source, config and backbone from the common arguments; SystemExit with the message on errors."""
     try:
         source = resolve_source(args.source)
-        cfg = resolve_config(source, args.config, args.arch, args.width, args.cifar_stem, args.overrides)
+        overrides = [*args.overrides, *(["data.unknown_val_classes=exclude"] if args.exclude_unknown_classes else [])]
+        cfg = resolve_config(source, args.config, args.arch, args.width, args.cifar_stem, overrides)
         backbone = load_backbone(source, cfg)
     except (SourceError, ConfigError) as err:
         raise SystemExit(f"mixfast: {err}") from None
@@ -303,11 +308,34 @@ class LabelledData:
     hflip: bool
 
 
-def labelled_data(cfg: RunConfig) -> LabelledData:
-    """The splits the trainer's kNN monitor uses (untransformed), with the data settings."""
-    data = build_datasets(cfg.data)
+def labelled_data(cfg: RunConfig, out: Optional[str] = None) -> LabelledData:
+    """The splits the trainer's kNN monitor uses (untransformed), with the data settings: the val
+    split labelled with the training split's classes, unreadable files removed (and listed in
+    ``<out>/skipped_files.txt``). A data set that cannot be read so is a SystemExit naming the path."""
+    try:
+        data = build_datasets(cfg.data, run_dir=out)
+    except ConfigError as err:
+        raise SystemExit(f"mixfast: {err}") from None
     return LabelledData(data.knn_train.base, data.knn_test.base, data.num_classes, cfg.data.augmentation,
                         cfg.data.image_size, cfg.data.hflip)
+
+
+def image_counts(base: Dataset, failed: Iterable[str] = ()) -> dict:
+    """What a command did with a split: ``used`` images (listed and decoded), ``skipped`` files
+    (unreadable: removed by the start-up check, or failed when read, ``failed``), ``ignored``
+    entries (hidden files, other extensions: image folders only)."""
+    failed = set(failed)
+    skipped = len(getattr(base, "skipped", ()))
+    ignored = getattr(base, "ignored", None)
+    counts = {"used": len(base) - len(failed), "skipped": skipped + len(failed)}
+    if ignored is not None:
+        counts["ignored"] = int(sum(ignored.values()))
+    return counts
+
+
+def counts_text(counts: dict) -> str:
+    """'43 used, 13 skipped' (skipped only when some were)."""
+    return f"{counts['used']} used" + (f", {counts['skipped']} unreadable skipped" if counts["skipped"] else "")
 
 
 def dataset_labels(base: Dataset) -> np.ndarray:
@@ -345,13 +373,19 @@ def val_transform(recipe: str, size: int) -> Callable:
 
 
 def make_loader(base: Dataset, transform: Callable, batch_size: int, num_workers: int,
-                order: Optional[Sequence[int]] = None, drop_last: bool = False) -> DataLoader:
-    """Loader of ``(x, label)`` over ``order`` (default: every index in sequence)."""
+                order: Optional[Sequence[int]] = None, drop_last: bool = False,
+                failed: Optional[dict] = None) -> EvalLoader:
+    """Loader of ``(x, label)`` over ``order`` (default: every index in sequence); images that fail
+    to decode are left out of their batch and added to ``failed`` (path -> reason) when given."""
     dataset = EvalDataset(base, transform)
     sampler = list(range(len(base))) if order is None else [int(i) for i in order]
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_eval,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, collate_fn=collate_eval,
+                        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                        persistent_workers=False)
+    out = EvalLoader(loader, getattr(base, "report", None))
+    if failed is not None:
+        out.unreadable = failed  # shared: every pass over the split adds to it
+    return out
 
 
 def progress_bar(iterable: Iterable, desc: str, progress: bool, total: Optional[int] = None) -> tqdm:
@@ -544,13 +578,18 @@ def resume_training(out: str, hyper: dict, how: str, trainee: Trainee) -> tuple[
     return state["epoch"], state["history"]
 
 
-def base_record(name: str, source: BackboneSource, cfg: RunConfig, data: LabelledData) -> dict:
-    """The metrics-file fields every command writes: command, source, model and data."""
+def base_record(name: str, source: BackboneSource, cfg: RunConfig, data: LabelledData,
+                images: Optional[dict] = None) -> dict:
+    """The metrics-file fields every command writes: command, source, model and data. ``images``:
+    ``{"train": image_counts(...), "test": ...}``, what the command used and skipped of each split
+    (default: the splits as listed and checked)."""
+    images = images or {"train": image_counts(data.train), "test": image_counts(data.test)}
     return {"command": name, "source": source.describe(),
             "model": {"arch": cfg.model.arch, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem},
             "data": {**{k: v for k, v in dump_config(cfg)["data"].items()
                         if k in ("name", "root", "train_split", "val_split", "image_size", "augmentation")},
-                     "num_classes": data.num_classes, "train_images": len(data.train), "test_images": len(data.test)}}
+                     "num_classes": data.num_classes, "train_images": images["train"]["used"],
+                     "test_images": images["test"]["used"], "images": images}}
 
 
 # ---------------------------------------------------------------------------------------
@@ -575,17 +614,25 @@ class EvalRun:
     out: str
     progress: bool
     workers: int
+    # files that failed to decode when read (path -> reason), per split, over every pass
+    failed_train: dict = field(default_factory=dict)
+    failed_test: dict = field(default_factory=dict)
+
+    def images(self) -> dict:
+        """Used and skipped images of both splits, for the metrics file."""
+        return {"train": image_counts(self.data.train, self.failed_train),
+                "test": image_counts(self.data.test, self.failed_test)}
 
 
 def prepare_run(args: argparse.Namespace, out_name: str) -> EvalRun:
     """Source, config, backbone, labelled data and output directory (default RUN/eval/<out_name>);
     also sets ``args.hflip`` to the run's data.hflip when not given."""
     source, cfg, backbone, device = setup(args)
-    data = labelled_data(cfg)
-    if args.hflip is None:
-        args.hflip = data.hflip
     out = args.out or default_out(source, out_name)
     os.makedirs(out, exist_ok=True)
+    data = labelled_data(cfg, out)
+    if args.hflip is None:
+        args.hflip = data.hflip
     return EvalRun(source, cfg, backbone, device, data, out, not args.no_progress, cfg.data.num_workers)
 
 

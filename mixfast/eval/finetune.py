@@ -156,7 +156,8 @@ def train_one_epoch(trainee: common.Trainee, run: common.EvalRun, args: argparse
     lrs = [g["lr"] for g in optimizer.param_groups]
     order = common.epoch_order(subset.indices, args.seed, epoch, args.batch_size)
     common.seed_augmentations(args.seed, epoch)
-    loader = common.make_loader(run.data.train, train_tf, args.batch_size, run.workers, order)
+    loader = common.make_loader(run.data.train, train_tf, args.batch_size, run.workers, order,
+                                failed=run.failed_train)
     model.train()
     bar = common.progress_bar(loader, f"epoch {epoch + 1}/{args.epochs}", run.progress)
     loss = common.sgd_pass(lambda x: model(x.to(run.device, non_blocking=True)), optimizer, bar, run.device)
@@ -177,7 +178,13 @@ def evaluate(model: Classifier, run: common.EvalRun, val_loader: Iterable) -> di
 def report(args: argparse.Namespace, run: common.EvalRun, loop: common.EpochLoop, subset: Subset, result: dict,
            t_start: float) -> dict:
     """Write finetune_metrics.json and finetuned_torchvision.pth, print the top-1 line; returns the metrics."""
-    metrics = {**common.base_record("finetune", run.source, run.cfg, run.data),
+    images = run.images()
+    # The fine-tune trains on the subset: its used images are the subset's that decoded.
+    failed = {i for i in subset.indices.tolist() if run.data.train.samples[i][0] in run.failed_train} \
+        if hasattr(run.data.train, "samples") else set()
+    images["train"]["used"] = int(len(subset.indices)) - len(failed)
+    info(f"images: train subset {common.counts_text(images['train'])}; val {common.counts_text(images['test'])}")
+    metrics = {**common.base_record("finetune", run.source, run.cfg, run.data, images),
                "protocol": f"semi-supervised {args.labels}%", "labels_percent": args.labels, "top1": result["top1"],
                "top5": result.get("top5"), "val_loss": result["loss"],
                "subset": {"file": subset.path, "images": int(len(subset.indices)), "digest": subset.digest},
@@ -200,7 +207,7 @@ def main(argv=None) -> dict:
     announce(args, run, subset)
     train_tf = common.train_transform(args.augment, run.data.recipe, run.data.image_size, args.hflip)
     val_loader = common.make_loader(run.data.test, common.val_transform(run.data.recipe, run.data.image_size),
-                                    args.batch_size, run.workers)
+                                    args.batch_size, run.workers, failed=run.failed_test)
     result = loop.run(functools.partial(train_one_epoch, trainee, run, args, subset, train_tf),
                       functools.partial(evaluate, trainee.module, run, val_loader))
     return report(args, run, loop, subset, result, t_start)

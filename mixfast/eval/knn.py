@@ -24,6 +24,8 @@ def extract_features(encoder: nn.Module, loader, device, channels_last: bool = F
             x = x.contiguous(memory_format=torch.channels_last)
         feats.append(F.normalize(encoder(x).float(), dim=1))
         labels.append(y.to(device))
+    if not feats:  # every image of this shard unreadable
+        raise RuntimeError("no image of the split could be read (all were skipped as unreadable)")
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -67,7 +69,7 @@ def knn_accuracy(encoder: nn.Module, bank_loader, test_loader, num_classes: int,
     correct = (knn_predict(test_f, bank_f, bank_y, num_classes, k, t) == test_y).sum().float()
     total = torch.tensor(float(test_y.numel()), device=correct.device)
     correct, total = dist_utils.all_reduce_sum(correct), dist_utils.all_reduce_sum(total)
-    return float(100.0 * correct / total)
+    return float(100.0 * correct / total.clamp(min=1.0))
 
 
 # --- command line: python -m mixfast.eval.knn RUN_OR_CKPT [--k K --t T] ---------------------------
@@ -97,9 +99,9 @@ def main(argv=None) -> dict:
     t = cfg.eval.knn_t if args.t is None else args.t
     if k < 1 or t <= 0:
         parser.error("--k must be >= 1 and --t > 0")
-    data = common.labelled_data(cfg)
     out = args.out or common.default_out(source, "knn")
     os.makedirs(out, exist_ok=True)
+    data = common.labelled_data(cfg, out)
     transform = common.val_transform(data.recipe, data.image_size)
     wrap = lambda loader, desc: tqdm(loader, desc=desc, disable=args.no_progress, leave=False)  # noqa: E731
     bank = build_eval_loader(common.EvalDataset(data.train, transform), args.batch_size, cfg.data.num_workers)
@@ -107,9 +109,12 @@ def main(argv=None) -> dict:
     info(f"kNN (k {k}, t {t}) of {source.weights} on {cfg.data.name}: bank {len(data.train)} / test "
          f"{len(data.test)} images -> {out}")
     top1 = knn_accuracy(backbone, wrap(bank, "bank"), wrap(test, "test"), data.num_classes, k, t, device)
-    metrics = {**common.base_record("knn", source, cfg, data), "protocol": "knn (InstDisc)", "top1": top1,
+    images = {"train": common.image_counts(data.train, bank.unreadable),
+              "test": common.image_counts(data.test, test.unreadable)}
+    info(f"images: bank {common.counts_text(images['train'])}; test {common.counts_text(images['test'])}")
+    metrics = {**common.base_record("knn", source, cfg, data, images), "protocol": "knn (InstDisc)", "top1": top1,
                "hyperparameters": {"k": k, "t": t, "features": "backbone"}, "wall_s": time.perf_counter() - t_start}
-    common.EpochLog(out, "knn").log(0, {"top1": top1, "k": k, "t": t})
+    common.EpochLog(out, "knn").log(0, {"top1": top1, "k": k, "t": t, "images": images})
     path = common.write_json(os.path.join(out, "knn_metrics.json"), metrics)
     info(f"wrote {path}")
     print(f"kNN top-1: {top1:.2f}%", flush=True)

@@ -103,7 +103,7 @@ class ProbeInputs:
         self.run, self.batch_size = run, args.batch_size
         data = run.data
         self.val_loader = common.make_loader(data.test, common.val_transform(data.recipe, data.image_size),
-                                             args.batch_size, run.workers)
+                                             args.batch_size, run.workers, failed=run.failed_test)
         self.train_tf = common.train_transform(args.augment, data.recipe, data.image_size, args.hflip)
         self.train_feats = self.val_feats = None  # (features, labels) when precomputed
         if precompute:
@@ -112,7 +112,8 @@ class ProbeInputs:
     def _precompute(self) -> None:
         """Features of the train split (under its transform) and of the val split, once."""
         run = self.run
-        train_loader = common.make_loader(run.data.train, self.train_tf, self.batch_size, run.workers)
+        train_loader = common.make_loader(run.data.train, self.train_tf, self.batch_size, run.workers,
+                                          failed=run.failed_train)
         self.train_feats = common.extract_features(run.backbone, train_loader, run.device, run.progress,
                                                    "train features")
         self.val_feats = common.extract_features(run.backbone, self.val_loader, run.device, run.progress,
@@ -121,7 +122,8 @@ class ProbeInputs:
     def train_batches(self, order: list[int]) -> tuple[Iterable, int]:
         """This epoch's batches in ``order`` and how many there are."""
         if self.train_feats is None:
-            loader = common.make_loader(self.run.data.train, self.train_tf, self.batch_size, self.run.workers, order)
+            loader = common.make_loader(self.run.data.train, self.train_tf, self.batch_size, self.run.workers, order,
+                                        failed=self.run.failed_train)
             return loader, len(loader)
         order_t = torch.tensor(order, device=self.run.device)
         return _feature_batches(*self.train_feats, self.batch_size, order_t), -(-len(order) // self.batch_size)
@@ -185,7 +187,9 @@ def evaluate(trainee: common.Trainee, inputs: ProbeInputs) -> dict:
 def report(args: argparse.Namespace, run: common.EvalRun, loop: common.EpochLoop, result: dict, precompute: bool,
            t_start: float) -> dict:
     """Write linear_metrics.json and linear_classifier.pth, print the top-1 line; returns the metrics."""
-    metrics = {**common.base_record("linear", run.source, run.cfg, run.data), "protocol": args.protocol,
+    images = run.images()
+    info(f"images: train {common.counts_text(images['train'])}; val {common.counts_text(images['test'])}")
+    metrics = {**common.base_record("linear", run.source, run.cfg, run.data, images), "protocol": args.protocol,
                "top1": result["top1"], "top5": result.get("top5"), "val_loss": result["loss"],
                "hyperparameters": loop.hyper, "precomputed_features": precompute, "epochs_run": len(loop.history),
                "wall_s": time.perf_counter() - t_start}

@@ -68,6 +68,11 @@ def read_subset(path: str, base) -> np.ndarray:
             lookup[r] = i
             lookup[os.path.join(root, r)] = i
             lookup.setdefault(os.path.basename(r), i)
+    skipped = {}
+    for p, why in getattr(base, "skipped", ()):
+        skipped[p] = skipped[os.path.basename(p)] = why
+        if rel is not None:
+            skipped[os.path.relpath(p, getattr(base, "root"))] = why
     n = len(base)
     seen: dict[int, int] = {}
     with open(path) as f:
@@ -81,6 +86,9 @@ def read_subset(path: str, base) -> np.ndarray:
                     raise ValueError(f"{path}:{lineno}: index {index} outside the training split (0..{n - 1})")
             elif lookup is not None and entry in lookup:
                 index = lookup[entry]
+            elif entry in skipped:
+                raise ValueError(f"{path}:{lineno}: {entry!r} is an unreadable image, skipped by the start-up "
+                                 f"check ({skipped[entry]})")
             else:
                 raise ValueError(f"{path}:{lineno}: {entry!r} is neither an index nor an image of the training split")
             if index in seen:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import mixfast  # noqa: F401  (patches torchvision before anything imports it)
@@ -19,7 +22,9 @@ from PIL import Image
 
 from mixfast.config import DataConfig, RunConfig
 from mixfast.data import build_datasets, build_pretrain_loader, build_train_loader, choose_loader
-from mixfast.data.dali import DaliTwoViewLoader, dali_available
+from mixfast.data.dali import DaliTwoViewLoader, dali_available, reader_positions
+
+import folder_tree
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES, PER_CLASS = 4, 30  # 120 images of 40x48
@@ -177,30 +182,192 @@ def test_truncated_and_foreign_files_are_skipped_and_counted(tmp_path):
     bad = write_tree(tmp_path, corrupt=3)
     cfg = RunConfig.model_validate({"data": {"name": "imagefolder", "root": str(tmp_path), "image_size": 32,
                                              "loader": "dali", "num_workers": 1}, "train": {"precision": "fp32"}})
-    data = build_datasets(cfg.data)
-    bad_index = {i for i, (p, _) in enumerate(data.train.base.samples) if Path(p) in bad}
-    assert len(bad_index) == 3
+    with pytest.warns(UserWarning, match="skipping 3 unreadable image files found by the start-up check"):
+        data = build_datasets(cfg.data)
+    assert sorted(Path(p) for p, _ in data.train.base.skipped) == sorted(bad)
+    assert not {Path(p) for p, _ in data.train.base.samples} & set(bad)  # removed before any loader
     totals = []
     for rank in (0, 1):
-        with pytest.warns(UserWarning, match="skipping 3 unreadable images") if rank == 0 else _no_warning():
-            dali = build_pretrain_loader(cfg, data, 8, rank, 2, torch.device("cpu"))
+        dali = build_pretrain_loader(cfg, data, 8, rank, 2, torch.device("cpu"))
         counts = []
         for epoch in (0, 1):
             batches = epoch_batches(dali, epoch)
-            seen = set(torch.cat([b["index"] for b in batches]).tolist())
-            assert not seen & bad_index
             counts.append(sum(b["skipped"] for b in batches))
         assert counts[0] == counts[1]  # counted once per epoch, like the torch loader
         totals.append(counts[0])
     assert sum(totals) == 3
 
 
-class _no_warning:
-    def __enter__(self):
-        return None
+def _damage_after_check(path: Path, how: str) -> None:
+    """Damage a file after the start-up check passed it. 'checksum': its IDAT CRC byte flipped,
+    size and modification time kept (what bit rot does: the cached verdict still holds), a
+    damage that DALI's error message names; 'cut': its IEND chunk cut off, which nvImageCodec's
+    parser reports without naming the file."""
+    data = bytearray(path.read_bytes())
+    stat = path.stat()
+    if how == "checksum":
+        idat = data.find(b"IDAT")
+        length = int.from_bytes(data[idat - 4 : idat], "big")
+        data[idat + 4 + length] ^= 0xFF
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    else:
+        path.write_bytes(bytes(data[:-12]))
 
-    def __exit__(self, *exc):
-        return False
+
+@pytest.mark.parametrize("how", ["checksum", "cut"])
+def test_a_file_only_dali_fails_on_is_skipped_and_nothing_else_changes(tmp_path, how):
+    """The run-time guard: the pipeline is rebuilt at the failing batch with the file's slot read
+    as its substitute. Every batch equals that of a pipeline whose list held the substitute in
+    that slot from the start; the slot is counted in `skipped` wherever it is drawn; a loader
+    resumed from a checkpoint taken after the failure continues identically without failing."""
+    root = tmp_path / "tree"
+    write_tree(root)
+    victim = root / "train" / "class1" / "late.png"
+    victim.write_bytes(folder_tree.variants()["rgb.png"][0])  # valid when checked
+    base = build_datasets(DataConfig(name="imagefolder", root=str(root), image_size=16)).train.base
+    _damage_after_check(victim, how)
+    kw = dict(batch_size=8, rank=0, world_size=1, seed=5, recipe="mocov2", image_size=16, num_threads=1)
+    guarded = DaliTwoViewLoader(base.samples, read_paths=base.read_paths, **kw)
+    with pytest.warns(UserWarning, match=f"found by DALI's decoder .*{victim}") as named:
+        got = [epoch_batches(guarded, e) for e in (0, 1, 2)]
+    assert sum(str(victim) in str(w.message) for w in named) == 1
+    (slot,) = guarded.failed
+    substitute = guarded._substitute[slot]
+    victim_index = [p for p, _ in base.samples].index(str(victim))
+    reads = list(base.read_paths)
+    reads[victim_index] = guarded.read_paths[substitute]
+    reference = DaliTwoViewLoader(base.samples, read_paths=reads, **kw)
+    want = [epoch_batches(reference, e) for e in (0, 1, 2)]
+    drawn = 0
+    for g_epoch, w_epoch in zip(got, want):
+        for g, w in zip(g_epoch, w_epoch):
+            assert torch.equal(g["x1"], w["x1"]) and torch.equal(g["x2"], w["x2"])
+            rows = w["index"] == victim_index
+            assert g["skipped"] == int(rows.sum())
+            assert torch.equal(g["index"][~rows], w["index"][~rows]) and torch.equal(g["label"], torch.where(
+                rows, guarded.labels[substitute], w["label"]))
+            assert (g["index"][rows] == int(guarded.dataset_index[substitute])).all()
+            drawn += int(rows.sum())
+    assert drawn >= 1
+
+    # Stop one batch after the failure, checkpoint, resume in a new loader: the same batches up to the
+    # end of epoch 2, in which the slot is drawn again, and no new failure.
+    epoch = next(e for e, batches in enumerate(want) if any((b["index"] == victim_index).any() for b in batches))
+    at = next(i for i, b in enumerate(want[epoch]) if (b["index"] == victim_index).any()) + 1
+    stopped = DaliTwoViewLoader(base.samples, read_paths=base.read_paths, **kw)
+    for e in range(epoch):
+        epoch_batches(stopped, e)
+    stopped.sampler.set_epoch(epoch)
+    consumed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for b in stopped:
+            consumed.append(b)
+            if len(consumed) == at:
+                break
+    state = stopped.state_dict()
+    assert list(state["ranks"][0]["failed"]) == [str(victim)]
+    resumed = DaliTwoViewLoader(base.samples, read_paths=base.read_paths, **kw)
+    resumed.load_state_dict(state)
+    resumed._failed_files = None  # a second failure would call it and fail the test
+    rest = epoch_batches(resumed, epoch, start=at * 8)
+    later = [b for e in range(epoch + 1, 3) for b in epoch_batches(resumed, e)]
+    assert any((b["index"] == victim_index).any() for e in range(epoch + 1, 3) for b in want[e])
+    for g, w in zip(consumed + rest + later, [b for e in range(epoch, 3) for b in got[e]]):
+        assert torch.equal(g["x1"], w["x1"]) and g["skipped"] == w["skipped"]
+
+
+def _first_step_drawing(base, name: str, seed: int, batch: int) -> int:
+    """The 1-based training step in which the DALI loader (one rank) first draws file ``name``."""
+    loader = DaliTwoViewLoader(base.samples, read_paths=base.read_paths, batch_size=batch, rank=0, world_size=1,
+                               seed=seed, recipe="cifar", image_size=16)
+    k = loader.sample_paths.index(name)
+    per_epoch = loader.reader_batches_per_epoch
+    for b, positions in enumerate(reader_positions(len(loader.paths), batch_size=batch, shard_id=0, num_shards=1,
+                                                   seed=seed, batches=2 * per_epoch)):
+        if k in positions and b % per_epoch < loader.steps_per_epoch:
+            return (b // per_epoch) * loader.steps_per_epoch + b % per_epoch + 1
+    return 10**9
+
+
+@pytest.mark.slow
+def test_trainer_killed_and_restarted_after_a_dali_only_failure_logs_the_same_losses(tmp_path):
+    """A PNG damaged after its check (bit rot: size and mtime kept, so the cached verdict holds)
+    fails inside DALI in epoch 0. An uninterrupted 2-epoch run skips and counts it; a run killed
+    (SIGKILL) after a checkpoint past the failure and restarted, and a run resumed from a
+    checkpoint before the failure, log the uninterrupted run's losses at every step."""
+    root = tmp_path / "tree"
+    write_tree(root)
+    victim = root / "train" / "class2" / "late.png"
+    victim.write_bytes(folder_tree.variants()["rgb.png"][0])
+    base = build_datasets(DataConfig(name="imagefolder", root=str(root), image_size=16)).train.base  # caches
+    _damage_after_check(victim, "checksum")
+    # A seed whose first epoch draws the file early, so that checkpoints follow the failure.
+    seed = next(s for s in range(50) if 3 <= _first_step_drawing(base, str(victim), s, 16) <= 4)
+    fails_at = _first_step_drawing(base, str(victim), seed, 16)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    sets = ["data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.num_workers=1",
+            "data.loader=dali", "model.width=8", "train.batch_size=16", "method.queue_size=32", f"train.seed={seed}",
+            "train.epochs=2", "train.checkpoint_every_steps=2", "train.keep_checkpoints=10", "log.every_steps=1",
+            "log.tensorboard=false", "log.progress=false", "log.image_grid=false", "eval.knn_at_start=false",
+            "eval.knn_every=0", "eval.knn_k=5"]
+
+    def command(out: Path, *extra: str) -> list[str]:
+        cmd = [sys.executable, "-m", "mixfast.train", "--config", str(REPO / "configs" / "demo.json")]
+        for item in [*sets, f"train.output_dir={out}", *extra]:
+            cmd += ["--set", item]
+        return cmd
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(command(out, *extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        return proc
+
+    def losses(out: Path) -> dict[int, float]:
+        found = {}
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "train/loss" in record:
+                found[record["step"]] = (record["train/loss"], record["train/skipped_images"])
+        return found
+
+    first = run(tmp_path / "a")
+    reference = losses(tmp_path / "a")
+    assert sorted(reference) == list(range(1, 15))  # 121 files // 16 = 7 steps per epoch
+    assert f"found by DALI's decoder" in first.stderr and str(victim) in first.stderr
+    assert [reference[s][1] for s in (fails_at - 1, fails_at)] == [0, 1]  # counted in the batch that drew it
+    assert "skipped" in first.stdout and "unreadable images" in first.stdout
+    assert (tmp_path / "a" / "skipped_files.txt").read_text().count(str(victim)) == 1
+
+    out = tmp_path / "b"
+    victim_run = subprocess.Popen(command(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 300
+    while victim_run.poll() is None and time.time() < deadline:
+        if latest.exists() and int(latest.read_text().strip()[len("step"):] or 0) > fails_at:
+            break
+        time.sleep(0.005)
+    victim_run.send_signal(signal.SIGKILL)  # no clean-up, no final checkpoint
+    victim_run.wait()
+    assert victim_run.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
+    assert max(losses(out)) < 14
+    again = run(out)
+    assert "resuming at step" in again.stdout
+    assert str(victim) not in again.stderr  # named once, by the run before
+
+    def same_as_reference(got: dict) -> None:
+        assert sorted(got) == sorted(reference)
+        for step, (loss, skipped) in reference.items():
+            assert got[step][0] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+            assert got[step][1] == skipped, step
+
+    same_as_reference(losses(out))
+    # From a checkpoint taken before the failure: the file fails again at the same batch, same losses.
+    before = f"step{(fails_at - 1) // 2 * 2:09d}"
+    assert (tmp_path / "a" / "checkpoints" / before).is_dir()
+    resumed = run(tmp_path / "a", f"train.resume={before}")  # appends to the log: its steps replace the first run's
+    assert f"resuming at step {(fails_at - 1) // 2 * 2}" in resumed.stdout
+    same_as_reference(losses(tmp_path / "a"))
 
 
 @pytest.mark.slow

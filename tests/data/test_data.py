@@ -29,6 +29,8 @@ from mixfast.data import (
     eval_transform,
     two_view_transform,
 )
+from mixfast.data.datasets import Unreadable
+from mixfast.data.files import DataError
 
 # ---------------------------------------------------------------------------------------
 # CIFAR pickles
@@ -128,12 +130,19 @@ def test_image_folder_skips_corrupt_file_across_workers(tmp_path):
     assert seen == set(range(len(folder))) - {bad_index}
 
 
-def test_image_folder_warns_with_file_name(tmp_path):
+def test_image_folder_names_the_unreadable_file_once(tmp_path):
     bad = _write_image_tree(tmp_path)
     bad.write_bytes(b"not a JPEG at all" * 10)  # garbage under a .jpg name
-    folder = SafeImageFolder(str(tmp_path / "train"))
-    with pytest.warns(UserWarning, match=re.escape(str(bad))):
-        assert folder[[p for p, _ in folder.samples].index(str(bad))] is None
+    folder = SafeImageFolder(str(tmp_path / "train"))  # no start-up check: fails when read
+    item = folder[[p for p, _ in folder.samples].index(str(bad))]
+    assert isinstance(item, Unreadable) and item.path == str(bad) and "not an image" in item.reason
+    loader = build_train_loader(TwoViewDataset(folder, two_view_transform("cifar", 16)), 5, 0, 1, seed=0,
+                                num_workers=0)
+    with pytest.warns(UserWarning, match=re.escape(str(bad))) as named:
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            assert sum(b["skipped"] for b in loader) == 1  # counted in each epoch that draws it
+    assert sum(str(bad) in str(w.message) for w in named) == 1  # named once
 
 
 def test_eval_loader_drops_corrupt_file(tmp_path):
@@ -149,9 +158,9 @@ def test_eval_loader_drops_corrupt_file(tmp_path):
 def test_image_folder_missing_dirs_name_the_path(tmp_path):
     _write_image_tree(tmp_path, corrupt=False)
     cfg = DataConfig(name="imagefolder", root=str(tmp_path), val_split="val", image_size=16)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "val"))):
+    with pytest.raises(DataError, match=re.escape(f"data.val_split: {tmp_path / 'val'} does not exist")):
         build_datasets(cfg)
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nowhere"))):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "nowhere"))):
         build_datasets(cfg.model_copy(update={"root": str(tmp_path / "nowhere")}))
 
 

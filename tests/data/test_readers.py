@@ -13,7 +13,8 @@ from PIL import Image
 
 from mixfast.config import ConfigError, DataConfig, load_config
 from mixfast.data import STL10Binary, build_datasets
-from mixfast.data.files import image_problem, jpeg_tree, read_class_list
+from mixfast.data.check import inspect_file
+from mixfast.data.files import DataError, jpeg_tree, read_class_list
 
 
 def _jpeg(path, rng, size=(40, 48)):
@@ -60,7 +61,7 @@ def test_tinyimagenet_train_and_val_annotations(tmp_path):
 def test_tinyimagenet_missing_annotations_names_the_path(tmp_path):
     write_tinyimagenet(tmp_path)
     (tmp_path / "val" / "val_annotations.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "val" / "val_annotations.txt"))):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "val" / "val_annotations.txt"))):
         build_datasets(DataConfig(name="tinyimagenet", root=str(tmp_path), image_size=16))
 
 
@@ -68,7 +69,7 @@ def test_tinyimagenet_annotation_with_unknown_wnid_names_the_line(tmp_path):
     write_tinyimagenet(tmp_path)
     with open(tmp_path / "val" / "val_annotations.txt", "a") as f:
         f.write("val_x.JPEG\tn99999999\t0\t0\t1\t1\n")
-    with pytest.raises(ValueError, match=r"val_annotations.txt:7"):
+    with pytest.raises(DataError, match=r"val_annotations.txt:7"):
         jpeg_tree("tinyimagenet", str(tmp_path), "val", train=False)
 
 
@@ -100,9 +101,9 @@ def test_imagenet100_missing_class_folder_names_it(tmp_path):
     write_imagenet(tmp_path / "in")
     classes = tmp_path / "in100.txt"
     classes.write_text("n01\nn77\n")
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "in" / "train" / "n77"))):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "in" / "train" / "n77"))):
         build_datasets(DataConfig(name="imagenet100", root=str(tmp_path / "in"), class_list=str(classes)))
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope.txt"))):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "nope.txt"))):
         read_class_list(str(tmp_path / "nope.txt"))
 
 
@@ -153,7 +154,7 @@ def test_stl10_binary_layout_and_pretraining_split(tmp_path):
 def test_stl10_missing_file_names_path(tmp_path):
     write_stl10(tmp_path)
     (tmp_path / "stl10_binary" / "unlabeled_X.bin").unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "stl10_binary" / "unlabeled_X.bin"))):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "stl10_binary" / "unlabeled_X.bin"))):
         build_datasets(DataConfig(name="stl10", root=str(tmp_path)))
 
 
@@ -162,22 +163,26 @@ def test_stl10_missing_file_names_path(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_image_problem_finds_truncated_and_foreign_files(tmp_path):
+def test_inspect_file_decodes_and_names_the_problem(tmp_path):
+    """The start-up check decodes: a truncated, cut-header, foreign or empty file fails with a reason."""
     rng = np.random.default_rng(3)
     good = tmp_path / "good.jpg"
     _jpeg(good, rng)
     data = good.read_bytes()
-    assert image_problem(str(good)) is None
+    convert = str(tmp_path / "converted")
+    assert inspect_file(str(good), convert).problem is None and inspect_file(str(good), convert).read == str(good)
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    assert "end-of-image" in image_problem(str(tmp_path / "cut.jpg"))
+    assert "truncated" in inspect_file(str(tmp_path / "cut.jpg"), convert).problem
     (tmp_path / "head.jpg").write_bytes(data[:20] + b"\xff\xd9")  # EOI present, frame header cut
-    assert image_problem(str(tmp_path / "head.jpg")) is not None
+    assert inspect_file(str(tmp_path / "head.jpg"), convert).problem is not None
     (tmp_path / "text.jpg").write_bytes(b"not an image" * 20)
-    assert "neither" in image_problem(str(tmp_path / "text.jpg"))
+    assert "not an image" in inspect_file(str(tmp_path / "text.jpg"), convert).problem
     (tmp_path / "empty.jpg").write_bytes(b"")
-    assert image_problem(str(tmp_path / "empty.jpg")) is not None
+    assert inspect_file(str(tmp_path / "empty.jpg"), convert).problem is not None
     Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(tmp_path / "ok.png")
-    assert image_problem(str(tmp_path / "ok.png")) is None
+    assert inspect_file(str(tmp_path / "ok.png"), convert).problem is None
     png = (tmp_path / "ok.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(png[: len(png) - 12])
-    assert "IEND" in image_problem(str(tmp_path / "cut.png"))
+    assert inspect_file(str(tmp_path / "cut.png"), convert).problem is not None
+    missing = inspect_file(str(tmp_path / "missing.jpg"), convert)
+    assert "FileNotFoundError" in missing.problem and missing.transient  # not cached: it may appear
