@@ -207,7 +207,10 @@ class Trainer:
         the state as a `nonfinite_step…` checkpoint) if any loss since the last read was NaN/inf."""
         names = [k for k, v in result.stats.items() if isinstance(v, torch.Tensor)]
         flag = self._finite if self._finite is not None else torch.ones((), dtype=torch.bool, device=result.loss.device)
-        values = torch.stack([result.loss.float(), flag.float()] + [result.stats[k].float() for k in names]).tolist()
+        # Every rank reads at the same steps; the flags are combined so that all ranks stop together (a rank that
+        # stopped alone would leave the others waiting in the next collective).
+        finite = dist_utils.all_reduce_sum((~flag).float()) == 0 if self.world > 1 else flag
+        values = torch.stack([result.loss.float(), finite.float()] + [result.stats[k].float() for k in names]).tolist()
         self._finite = None
         if values[1] != 1.0:
             first = self._last_read_step + 1
