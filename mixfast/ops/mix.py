@@ -4,8 +4,8 @@ Every op validates its arguments here (shape, dtype, device, layout, grid and ra
 ranges: errors say what was wrong), then calls a ``torch.library`` custom op
 (``mixfast::mix``, ``mixfast::make_masks_and_mix``, ``mixfast::unmix``,
 ``mixfast::mix_and_unmix``) with a fake implementation, so ``torch.compile`` traces
-through a model that calls them. Inside the op a backend is chosen per call
-(``_backend.py``: ``MIXFAST_BACKEND=auto|cuda|triton|cpu|torch``):
+through a model that calls them. Inside the op a backend of ``mix_backends.BACKENDS`` is
+chosen per call (``MIXFAST_BACKEND=auto|cuda|triton|cpu|torch``) and runs it:
 
 * ``cpu``    -- the C++/OpenMP kernels of ``mixfast._C`` (CPU tensors),
 * ``cuda``   -- the CUDA kernels of ``mixfast._C`` (CUDA tensors; fused mask generation),
