@@ -128,6 +128,7 @@ class Trainer:
         self._finite: torch.Tensor | None = None  # all losses since the last read finite (device flag)
         self._last_result: StepResult | None = None
         self._last_read_step = 0
+        self._skipped_pending = 0  # images this rank's loader skipped since the last read
         self.state = checkpoint.resume(self.engine, self.method, cfg.train.output_dir, cfg.train.resume,
                                        loader=self.train_loader) or TrainState()
 
@@ -206,22 +207,27 @@ class Trainer:
         `log.every_steps` steps and before each checkpoint. Raises NonFiniteLoss (after saving
         the state as a `nonfinite_step…` checkpoint) if any loss since the last read was NaN/inf."""
         names = [k for k, v in result.stats.items() if isinstance(v, torch.Tensor)]
-        flag = self._finite if self._finite is not None else torch.ones((), dtype=torch.bool, device=result.loss.device)
-        # Every rank reads at the same steps; the flags are combined so that all ranks stop together (a rank that
-        # stopped alone would leave the others waiting in the next collective).
-        finite = dist_utils.all_reduce_sum((~flag).float()) == 0 if self.world > 1 else flag
-        values = torch.stack([result.loss.float(), finite.float()] + [result.stats[k].float() for k in names]).tolist()
-        self._finite = None
-        if values[1] != 1.0:
+        dev = result.loss.device
+        flag = self._finite if self._finite is not None else torch.ones((), dtype=torch.bool, device=dev)
+        # Summed over ranks (every rank reads at the same steps): the ranks with a non-finite loss, so that all ranks
+        # stop together (one stopping alone would leave the others waiting in the next collective), and the images
+        # each rank's loader skipped since the last read (each unreadable file is charged to one rank).
+        shared = torch.stack([(~flag).float(), torch.tensor(float(self._skipped_pending), device=dev)])
+        shared = dist_utils.all_reduce_sum(shared) if self.world > 1 else shared
+        values = torch.stack([result.loss.float(), *shared] + [result.stats[k].float() for k in names]).tolist()
+        self._finite, self._skipped_pending = None, 0
+        self.state.skipped_images += int(values[2])
+        if values[1] != 0.0:
             first = self._last_read_step + 1
             tag = self.save(tag=f"nonfinite_step{self.state.step:09d}", save_latest=False, checked=False)
             raise NonFiniteLoss(
-                f"loss is {values[0]} (the first non-finite loss came between steps {first} and {self.state.step}, epoch "
+                f"loss is {values[0]} on rank {self.rank}, non-finite on {int(values[1])} of {self.world} rank(s) "
+                f"(the first non-finite loss came between steps {first} and {self.state.step}, epoch "
                 f"{self.state.epoch}); state saved as checkpoint {tag!r} in "
                 f"{checkpoint.checkpoint_dir(self.cfg.train.output_dir)}. Lower optim.lr or check the data.")
         self._last_read_step = self.state.step
         stats = {k: v for k, v in result.stats.items() if not isinstance(v, torch.Tensor)}
-        stats.update(zip(names, values[2:]))
+        stats.update(zip(names, values[3:]))
         return {"loss": values[0], "lr": self.engine.get_lr()[0], **stats}
 
     def fit(self) -> None:
@@ -241,8 +247,8 @@ class Trainer:
             for batch in self.train_loader:
                 t0 = time.perf_counter()
                 result = self.train_step(batch)
-                # the loader's count of unreadable files: host data, not a value on the device
-                state.skipped_images += int(batch["skipped"])
+                # this rank's share of unreadable files (host data), summed over ranks at the next read
+                self._skipped_pending += int(batch["skipped"])
                 metrics = None
                 if state.step % cfg.log.every_steps == 0:
                     metrics = self.read_metrics(result)

@@ -165,6 +165,21 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path):
     assert "skipped 1 unreadable images" in proc.stdout
 
 
+def test_skipped_images_are_summed_over_ranks(tmp_path):
+    """Each unreadable file is charged to one rank; the logged count and the summary line are the sum over ranks."""
+    root = tmp_path / "folder"
+    _write_imagefolder(root)
+    good = (root / "train" / "b" / "0.jpg").read_bytes()
+    (root / "train" / "b" / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # a second one, for the other rank
+    overrides = ["data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.num_workers=0",
+                 "model.width=8", "train.batch_size=10", "method.queue_size=20", "train.epochs=1",
+                 "log.tensorboard=false", "log.progress=false", "log.every_steps=1", "eval.knn_k=5"]
+    proc = run_launcher("demo.json", tmp_path / "out", overrides, ranks=2)
+    assert "skipped 2 unreadable images" in proc.stdout
+    counts = [json.loads(line).get("train/skipped_images") for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [c for c in counts if c is not None][-1] == 2
+
+
 def test_nonfinite_loss_stops_with_checkpoint(tmp_path):
     out = tmp_path / "nan"
     proc = run_module("demo.json", out, [*TINY, "optim.lr=1e30", "optim.warmup_epochs=0", "train.max_steps=10"],

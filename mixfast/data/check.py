@@ -371,6 +371,12 @@ def check_files(paths: Sequence[str], data_root: str, directory: Optional[str], 
         for p, k, st in zip(paths, keys, stats)]
     todo = [i for i, v in enumerate(verdicts) if v is None]
     grouped = world_size > 1 and dist.is_available() and dist.is_initialized()
+    if grouped:
+        # Ranks can know different files already (each node its own cache): split the union, the same list on
+        # every rank, so every file unknown to some rank is checked once and every rank gets its verdict.
+        todos: list = [None] * world_size
+        dist.all_gather_object(todos, todo)
+        todo = sorted(set().union(*todos))
     mine = todo[rank::world_size] if grouped else todo
     if len(todo) > 1000 and rank == 0:
         info(f"checking that {len(todo)} image files decode ({len(paths) - len(todo)} known from {cache_path}), "

@@ -40,7 +40,7 @@ class Row:
 
 
 class Table:
-    """The backends of one op family and the order `auto` tries them in per device type."""
+    """The backends of one op family and the order `auto` tries them in per device type ("*": any other)."""
 
     def __init__(self, family: str, rows: Sequence[Row], preference: dict[str, tuple[str, ...]]):
         self.family, self.rows = family, {row.impl.name: row for row in rows}
@@ -54,7 +54,7 @@ class Table:
         `runs`), per MIXFAST_BACKEND (or `requested`)."""
         requested = requested or requested_backend()
         if requested == "auto":
-            for name in self.preference.get(device_type, ("torch",)):
+            for name in self.preference.get(device_type, self.preference.get("*", ("torch",))):
                 row = self.rows[name]
                 if (row.dtypes is None or dtype in row.dtypes) and row.runs(*facts):
                     return row.impl

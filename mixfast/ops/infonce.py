@@ -196,7 +196,7 @@ BACKENDS = _backend.Table(
         _backend.Row(_Name("cpu"), lambda q, cols: True),  # chunked torch: any device, any float dtype
         _backend.Row(_Name("torch"), lambda q, cols: True),
     ],
-    preference={"cuda": ("cuda", "triton", "cpu"), "cpu": ("cpu",)},
+    preference={"cuda": ("cuda", "triton", "cpu"), "*": ("cpu",)},  # chunked on every other device (no M x K)
 )
 
 
