@@ -64,11 +64,12 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from common import (Timing, add_output_args, add_repo_to_path, copy_timing, env_line, environment,
-                        mixfast_backend, render_table, save_requested_results, time_fn, update_readme)
+                        mixfast_backend, render_table, runnable_rows, save_requested_results, time_fn,
+                        update_readme)
     add_repo_to_path()
 else:
     from benchmarks.common import (Timing, add_output_args, copy_timing, env_line, environment, mixfast_backend,
-                                   render_table, save_requested_results, time_fn, update_readme)
+                                   render_table, runnable_rows, save_requested_results, time_fn, update_readme)
 
 from mixfast.ops import reference  # noqa: E402
 from mixfast.ops.infonce import backend_for, soft_infonce  # noqa: E402
@@ -485,13 +486,7 @@ def sweep(args, device: torch.device, env: dict) -> list[dict]:
     ms = args.m or ([64, 512, 768, 4096] if gpu else [64, 512, 768])
     ks = args.k or ([4096, 65536, 262144] if gpu else [4096, 65536])
     dtypes = (args.dtype or ("fp32,bf16" if gpu else "fp32")).split(",")
-    rows = []
-    for row in args.rows:
-        reason = row_off_device(row, device)
-        if reason:
-            print(f"{ROW_LABELS[row]}: skipped ({reason})", flush=True)
-        else:
-            rows.append(row)
+    rows = runnable_rows(args.rows, lambda row: row_off_device(row, device), ROW_LABELS)
     results = []
     for dtype in dtypes:
         copy = copy_timing(256 * 2**20, device)  # reads and writes 128 MiB each

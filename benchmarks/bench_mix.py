@@ -72,6 +72,7 @@ from benchmarks.common import (  # noqa: E402
     mixfast_backend,
     render_table,
     retain_freed_memory,
+    runnable_rows,
     save_requested_results,
     time_round_robin,
     update_readme,
@@ -405,13 +406,7 @@ def sweep(args) -> list[dict]:
     env = environment(device)
     env["malloc"] = args.malloc
     print(env_line(env), flush=True)
-    rows = []
-    for row in args.rows:
-        reason = row_unavailable(row, device)
-        if reason:
-            print(f"{ROWS[row]}: skipped ({reason})", flush=True)
-        else:
-            rows.append(row)
+    rows = runnable_rows(args.rows, lambda row: row_unavailable(row, device), ROWS)
     compiled: dict = {}
     results = []
     for B in args.batch:

@@ -416,6 +416,18 @@ def clear_copy_buffers() -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def runnable_rows(requested, why_not: Callable[[str], Optional[str]], labels: dict) -> list:
+    """The requested rows that can run here; each other one is printed with the reason ``why_not(row)`` gives."""
+    rows = []
+    for row in requested:
+        reason = why_not(row)
+        if reason:
+            print(f"{labels[row]}: skipped ({reason})", flush=True)
+        else:
+            rows.append(row)
+    return rows
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "device"
 

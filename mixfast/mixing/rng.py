@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixfast.ops.mix_backends import flip
+
 # Independent streams, so adding a draw to one mixer never shifts another's.
 STREAM_MIXMASK = 1
 STREAM_UNMIX = 2
@@ -30,4 +32,4 @@ def step_numpy_rng(seed: int, rank: int, stream: int, step: int) -> np.random.Ge
 
 def flip_permutation(n: int, device="cpu") -> torch.Tensor:
     """i -> n-1-i, the papers' default partner (its own inverse)."""
-    return torch.arange(n - 1, -1, -1, device=device)
+    return flip(n, torch.device(device))

@@ -30,7 +30,7 @@ import torch
 from kernels.layout import out_format as _out_format
 from mixfast.ops import _backend
 from mixfast.ops import reference as ref
-from mixfast.ops.mix_backends import BACKENDS, MaskRequest, to_device
+from mixfast.ops.mix_backends import BACKENDS, MaskRequest, flip, to_device
 from mixfast.ops.reference import rand_bbox, upsample_masks
 
 __all__ = [
@@ -202,7 +202,7 @@ def make_masks(n: int, grid: int, ratio: float, kind: str = "block", *, seed: in
     else:
         draw_on = target = torch.device(device)
     req = MaskRequest(n, grid, float(ratio), kind, seed, step)
-    return to_device(_pick("make_masks", draw_on, torch.float32).make_masks(req, draw_on).view(torch.bool), target)
+    return to_device(_pick("make_masks", draw_on, torch.float32).make_masks(req, draw_on), target)
 
 
 def mix(
@@ -261,7 +261,7 @@ def make_masks_and_mix(
         ref.check_perm("make_masks_and_mix", perm, B, x.device, validate)
     if _needs_grad(x):
         masks = to_device(ref.make_masks(B if per_sample else 1, grid, ratio, kind, seed=seed, step=step), x.device)
-        perm_t = perm if perm is not None else torch.arange(B - 1, -1, -1, device=x.device)
+        perm_t = perm if perm is not None else flip(B, x.device)
         mixed, switch, lam = ref.mix(x, masks, perm_t, want_switch)
         return mixed, switch, lam, masks
     mixed, switch, lam, masks = _call(_make_masks_and_mix_op, _make_masks_and_mix_impl, x, perm, int(grid),
