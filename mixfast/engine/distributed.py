@@ -7,6 +7,7 @@ DeepSpeed falls back to MPI discovery, which needs mpi4py).
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -31,11 +32,24 @@ def init_distributed() -> torch.device:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(shutdown_distributed)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group (registered at exit by `init_distributed`).
+
+    Left to the interpreter's teardown, gloo's and the TCP store's native threads are destroyed
+    while still joinable, and the C++ runtime aborts the process ("terminate called without an
+    active exception", exit status -6) after the run has finished, now and then, so a finished
+    run would report a failure to its launcher.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
