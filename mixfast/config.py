@@ -143,6 +143,68 @@ class MixingConfig(Section):
                            "mixes view 2 and scores it against view 1's (twice the mixed branches). MoCo uses method.symmetric instead.")
 
 
+class MaskerConfig(Section):
+    """The learned masker of the adversarial-masking methods (`method.name` = simclr_adios, byol_adios,
+    simsiam_adios, moco_adios); ignored by the other methods. A null value takes the default of `kind`."""
+
+    kind: Literal["adios", "adios_s", "sequential"] = Field(
+        "adios", description="'adios' = N masks partitioning the image (softmax head), every mask used each step; "
+                             "'adios_s' = the same masker, one randomly chosen mask per sample per step (ADIOS-s); "
+                             "'sequential' = sequential adversarial masking: mask k = sigmoid head conditioned on "
+                             "the sum of the earlier masks, with budget, overlap and smoothness penalties.")
+    num_masks: Optional[int] = Field(
+        None, ge=1, description="N masks per view; null = 4 for adios/adios_s (ImageNet-100-S SimCLR setting), "
+                                "5 for sequential (seed paper).")
+    width: int = Field(32, ge=1, description="Base width c of the U-Net (the ADIOS code's mask_fbase).")
+    blocks: Optional[int] = Field(
+        None, ge=3, description="U-Net blocks; null = int(log2(data.image_size) - 1) (32 px: 4, 96 px: 5, 224 px: "
+                                "6). The ADIOS SimSiam scripts force 4.")
+    norm: Literal["gn", "in", "none"] = Field(
+        "gn", description="Norm after each U-Net convolution: GroupNorm(8), InstanceNorm (affine), or none "
+                          "(the convolution then has a bias).")
+    condition: Literal["features", "input"] = Field(
+        "features", description="sequential only: mask k sees S_{k-1} = sum of the earlier masks as an extra "
+                                "channel of the head's input ('features', one U-Net pass) or as a 4th input channel "
+                                "of the U-Net ('input', N U-Net passes).")
+    reduction: Optional[Literal["sum", "mean"]] = Field(
+        None, description="How the per-mask terms (encoder loss and masker objective) are combined over the N "
+                          "masks; null = 'sum' for adios/adios_s (ADIOS code), 'mean' for sequential (seed paper).")
+    lr: float = Field(0.0145, gt=0.0, description="Peak learning rate of the masker's SGD (ADIOS ImageNet-100-S "
+                                                  "SimCLR value; not scaled by batch size).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum of the masker.")
+    weight_decay: Optional[float] = Field(
+        None, ge=0.0, description="Weight decay of the masker; null = optim.weight_decay (the ADIOS code uses the "
+                                  "encoder's).")
+    warmup_epochs: float = Field(10.0, ge=0.0, description="Linear warm-up of the masker's learning rate, in epochs, "
+                                                           "then cosine to min_lr (stepped per iteration).")
+    warmup_start_lr: float = Field(0.003, ge=0.0, description="Masker learning rate at the first warm-up step "
+                                                              "(ADIOS code: 0.003).")
+    min_lr: float = Field(0.0, ge=0.0, description="Floor of the masker's cosine schedule.")
+    sparsity_weight: Optional[float] = Field(
+        None, ge=0.0, description="alpha_s of the ADIOS sparsity penalty alpha_s * mean_b 1/(sin(pi*s_k) + 1e-10) "
+                                  "per mask (s_k = the sample's mean of mask k); null = 1 for adios/adios_s, 0 for "
+                                  "sequential.")
+    entropy_weight: Optional[float] = Field(
+        None, ge=0.0, description="alpha_e of the ADIOS term alpha_e * sum_b sum_k softmax_k(s)*log_softmax_k(s) "
+                                  "added to the masker objective; null = 0.")
+    budget: float = Field(0.25, gt=0.0, lt=1.0, description="b: the target mean of each mask (sequential budget "
+                                                            "penalty alpha_b * (mean(m_k) - b)^2).")
+    budget_weight: Optional[float] = Field(
+        None, ge=0.0, description="alpha_b; null = 1 for sequential (the seed leaves it open), 0 for adios/adios_s.")
+    overlap_weight: Optional[float] = Field(
+        None, ge=0.0, description="alpha_o of alpha_o * sum_pixels m_k * S_{k-1} (overlap with the earlier masks); "
+                                  "null = 1e-4 for sequential, 0 for adios/adios_s.")
+    smoothness_weight: Optional[float] = Field(
+        None, ge=0.0, description="alpha_c of alpha_c * sum_pixels (m_k - avgpool3x3(m_k))^2; null = 1e-4 for "
+                                  "sequential, 0 for adios/adios_s.")
+    simsiam_terms: list[Literal["symmetry", "no_mask", "both_mask"]] = Field(
+        default_factory=lambda: ["symmetry", "no_mask", "both_mask"],
+        description="simsiam_adios: terms added to D(p1_masked, z2) + D(p2_masked, z1) per mask (the ADIOS code's "
+                    "use_symmetry_mask: D(p2, z1_masked) + D(p1, z2_masked); use_no_mask: D(p1, z2) + D(p2, z1); "
+                    "use_both_mask: D(p1_masked, z2_masked) + D(p2_masked, z1_masked)); default all, the code's "
+                    "argparse default.")
+
+
 # Data sets read from data.root; the others are generated in memory.
 DISK_DATASETS = ("imagefolder", "tinyimagenet", "imagenet100", "cifar10", "cifar100", "stl10")
 
@@ -258,6 +320,7 @@ class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
+    masker: MaskerConfig = Field(default_factory=MaskerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

@@ -176,6 +176,100 @@ def _mixsiam_recipes() -> list[Recipe]:
             Recipe("cifar10_mixsiam", "MixSiam CIFAR-10 ablation (aggregation max/mean/none via --set)", cifar10)]
 
 
+# --- ADIOS and sequential adversarial masking (ResNet-18; the ADIOS scripts, the seed paper) -----
+# Rows of the settings table (enc lr / mask lr / alpha_s / alpha_e / N / c / epochs / batch) from the
+# ADIOS reference scripts; SGD momentum 0.9 for both encoder and masker (the scripts' --optimizer sgd;
+# their LARS wrapper is not reproduced), 10 warm-up epochs, masker warm-up from 0.003.
+
+_ADIOS_DATA = {
+    # ImageNet-100 at 96 px (the "-S" setting of both papers)
+    "in100s": {"data": {"name": "imagenet100", "root": "/data/imagenet", "class_list": "/data/imagenet100.txt",
+                        "image_size": 96, "augmentation": "mocov2"}},
+    # STL-10 train+unlabeled at 96 px
+    "stl10": {"data": {"name": "stl10", "root": "/data/stl10", "image_size": 96, "augmentation": "mocov2"}},
+}
+_R18 = {"arch": "resnet18", "width": 64, "cifar_stem": False}
+
+
+def _adios_framework(framework: str, enc_lr: float, mask_lr: float, sparsity: float, entropy: float, n: int,
+                     width: int, epochs: int, batch: int, **extra) -> dict:
+    heads = {
+        "simclr": {"head": "mlp_bn", "head_layers": 2, "head_hidden_dim": 2048,
+                   "feature_dim": extra.get("feature_dim", 128)},
+        "byol": {"head": "mlp_bn", "head_layers": 2, "head_hidden_dim": 4096, "feature_dim": 256,
+                 "predictor_hidden_dim": 8192},
+        "simsiam": {"head": "simsiam", "head_layers": 2, "head_hidden_dim": 2048, "feature_dim": 2048,
+                    "predictor_hidden_dim": 512},
+    }
+    method = {"simclr": {"name": "simclr_adios", "temperature": 0.2},
+              "byol": {"name": "byol_adios", "momentum": 0.99, "momentum_schedule": "cosine"},
+              "simsiam": {"name": "simsiam_adios"}}[framework]
+    masker = {"kind": "adios", "num_masks": n, "width": width, "norm": extra.get("norm", "gn"), "lr": mask_lr,
+              "sparsity_weight": sparsity, "entropy_weight": entropy, "warmup_epochs": 10.0,
+              "warmup_start_lr": 0.003}
+    for key in ("blocks", "simsiam_terms"):
+        if key in extra:
+            masker[key] = extra[key]
+    return _merge(_NO_MIXING, {
+        "model": {**_R18, **heads[framework]}, "method": method, "masker": masker,
+        "optim": {"name": "sgd", "lr": enc_lr, "momentum": 0.9, "weight_decay": extra.get("weight_decay", 1e-5),
+                  "warmup_epochs": 10.0},
+        "train": {"epochs": epochs, "batch_size": batch}})
+
+
+def _sequential(dataset_row: dict) -> dict:
+    """Seed Tables 3-4: SimCLR, N = 5, batch 256, lr 0.11, 500 epochs, tau 0.2; the penalties' defaults."""
+    return _merge(dataset_row, {
+        "masker": {"kind": "sequential", "num_masks": 5, "norm": "gn", "reduction": "mean", "sparsity_weight": 0.0,
+                   "entropy_weight": 0.0, "budget": 0.25, "budget_weight": 1.0, "overlap_weight": 1e-4,
+                   "smoothness_weight": 1e-4},
+        "optim": {"lr": 0.11}, "train": {"epochs": 500, "batch_size": 256}})
+
+
+def _adios_recipes() -> list[Recipe]:
+    in100s_simclr = _adios_framework("simclr", 0.111, 0.0145, 0.923, 0.712, 4, 32, 500, 128, norm="in",
+                                     weight_decay=1e-4)
+    stl_simclr = _adios_framework("simclr", 0.132, 0.0195, 0.0, 0.0, 6, 128, 400, 256, feature_dim=256)
+    entries = [
+        ("in100s_simclr_adios", "Seq. masking Table 1, ImageNet-100-S SimCLR + ADIOS (55.91 linear)", "in100s",
+         in100s_simclr),
+        ("in100s_byol_adios", "ADIOS, ImageNet-100-S BYOL + ADIOS", "in100s",
+         _adios_framework("byol", 0.241, 0.066, 0.404, 0.0, 6, 16, 500, 128)),
+        # the SimSiam scripts force 4 U-Net blocks; use_symmetry_mask false, use_no_mask / use_both_mask true
+        ("in100s_simsiam_adios", "ADIOS, ImageNet-100-S SimSiam + ADIOS", "in100s",
+         _adios_framework("simsiam", 0.847, 0.080, 0.2, 0.286, 4, 16, 500, 128, blocks=4,
+                          simsiam_terms=["no_mask", "both_mask"])),
+        ("in100s_simclr_sequential", "Seq. masking Tables 1/3, ImageNet-100-S SimCLR + sequential (58.95 linear)",
+         "in100s", _sequential(in100s_simclr)),
+        ("stl10_simclr_adios", "Seq. masking Table 1, STL-10 SimCLR + ADIOS (86.03 linear)", "stl10", stl_simclr),
+        ("stl10_byol_adios", "ADIOS, STL-10 BYOL + ADIOS", "stl10",
+         _adios_framework("byol", 0.292, 0.093, 1.72, 0.0, 6, 64, 400, 128)),
+        ("stl10_simsiam_adios", "ADIOS, STL-10 SimSiam + ADIOS", "stl10",
+         _adios_framework("simsiam", 0.444, 0.038, 1.0, 0.0, 6, 32, 400, 128, blocks=5,
+                          simsiam_terms=["no_mask"])),
+        ("stl10_simclr_sequential", "Seq. masking Tables 1/4, STL-10 SimCLR + sequential (86.4 linear)", "stl10",
+         _sequential(stl_simclr)),
+    ]
+    out = [Recipe(name, row, _merge(_COMMON, _ADIOS_DATA[data], s, {"train": {"output_dir": f"runs/{name}"}}))
+           for name, row, data, s in entries]
+    # ADIOS-s at 224 px: the ImageNet-100-S SimCLR row with one mask per sample (the ADIOS-s scripts use no
+    # U-Net norm); 6 U-Net blocks at 224 px
+    in100 = _merge(_COMMON, _ADIOS_DATA["in100s"], in100s_simclr, {
+        "data": {"image_size": 224}, "masker": {"kind": "adios_s", "num_masks": 6, "norm": "none"},
+        "train": {"output_dir": "runs/in100_simclr_adios_s"}})
+    out.append(Recipe("in100_simclr_adios_s", "ADIOS, ImageNet-100 (224 px) SimCLR + ADIOS-s", in100))
+    # CIFAR: no ADIOS script exists; the ImageNet-100-S SimCLR rows at 32 px with the CIFAR stem (our choice).
+    # The seed's CIFAR rows (Table 2) are transfers of the ImageNet-100-S models: `mixfast.eval.linear` on them.
+    for dataset, label in (("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100")):
+        data = {"data": {"name": dataset, "root": f"/data/{dataset}", "image_size": 32, "augmentation": "cifar"},
+                "model": {"cifar_stem": True}}
+        for name, base, row in ((f"{dataset}_simclr_adios", in100s_simclr, f"{label} SimCLR + ADIOS (our setting)"),
+                                (f"{dataset}_simclr_sequential", _sequential(in100s_simclr),
+                                 f"{label} SimCLR + sequential (our setting)")):
+            out.append(Recipe(name, row, _merge(_COMMON, base, data, {"train": {"output_dir": f"runs/{name}"}})))
+    return out
+
+
 # --- the built-in demo (measured on a 2-core CPU; README explains each choice) ------------------
 
 _DEMO = {
@@ -185,6 +279,13 @@ _DEMO = {
     "train": {"epochs": 30, "batch_size": 64, "precision": "fp32", "checkpoint_every_steps": 100},
     "eval": {"knn_every": 10, "knn_k": 50, "knn_at_start": True},
     "log": {"every_steps": 5},
+}
+
+
+_DEMO_SIMCLR = {
+    "model": {"head": "mlp_bn", "head_hidden_dim": 256},
+    "method": {"name": "simclr", "temperature": 0.5},
+    "optim": {"name": "adam", "lr": 0.003, "weight_decay": 1e-6, "warmup_epochs": 1.0},
 }
 
 
@@ -202,10 +303,7 @@ def _demo_recipes() -> list[Recipe]:
             "model": {"head": "mlp", "bn_splits": 4},
             "method": {"name": "moco", "queue_size": 256, "momentum": 0.99, "temperature": 0.5},
             "optim": {"name": "sgd", "lr": 0.06, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1.0}})),
-        "demo_simclr": ("SimCLR + MixMask", _merge(mm, {
-            "model": {"head": "mlp_bn", "head_hidden_dim": 256},
-            "method": {"name": "simclr", "temperature": 0.5},
-            "optim": {"name": "adam", "lr": 0.003, "weight_decay": 1e-6, "warmup_epochs": 1.0}})),
+        "demo_simclr": ("SimCLR + MixMask", _merge(mm, _DEMO_SIMCLR)),
         "demo_byol": ("BYOL + MixMask", _merge(mm, {
             "model": {"head": "mlp_bn", "head_hidden_dim": 256, "predictor_hidden_dim": 256},
             "method": {"name": "byol", "momentum": 0.99, "momentum_schedule": "cosine"},
@@ -214,6 +312,12 @@ def _demo_recipes() -> list[Recipe]:
             "model": {"head": "simsiam", "head_hidden_dim": 256, "feature_dim": 256, "predictor_hidden_dim": 64},
             "method": {"name": "simsiam"},
             "optim": {"name": "sgd", "lr": 0.12, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1.0}})),
+        "demo_adios": ("SimCLR + ADIOS", _merge(_NO_MIXING, _DEMO_SIMCLR, {
+            "method": {"name": "simclr_adios"},
+            "masker": {"kind": "adios", "num_masks": 3, "width": 16, "lr": 0.02, "warmup_epochs": 1.0}})),
+        "demo_sequential": ("SimCLR + sequential adversarial masking", _merge(_NO_MIXING, _DEMO_SIMCLR, {
+            "method": {"name": "simclr_adios"},
+            "masker": {"kind": "sequential", "num_masks": 3, "width": 16, "lr": 0.02, "warmup_epochs": 1.0}})),
         "demo_mixsiam": ("MixSiam", _merge(_NO_MIXING, {
             "model": {"head": "simsiam", "head_hidden_dim": 256, "feature_dim": 256, "predictor_hidden_dim": 64},
             "method": {"name": "mixsiam"},
@@ -224,7 +328,7 @@ def _demo_recipes() -> list[Recipe]:
 
 
 def all_recipes() -> list[Recipe]:
-    return [*_in1k_recipes(), *_mixsiam_recipes(), *_small_recipes(), *_demo_recipes()]
+    return [*_in1k_recipes(), *_mixsiam_recipes(), *_small_recipes(), *_adios_recipes(), *_demo_recipes()]
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -249,12 +353,17 @@ README_BEGIN, README_END = "<!-- recipes-table:begin -->", "<!-- recipes-table:e
 
 
 def readme_table() -> str:
-    lines = ["| config | method | mixing | paper row |", "|---|---|---|---|"]
+    lines = ["| config | method | mixing / masks | paper row |", "|---|---|---|---|"]
     for r in all_recipes():
         cfg = RunConfig.model_validate(r.settings)
         mixing = " + ".join(n for n, on in (("MixMask", cfg.mixing.mixmask.enabled and cfg.mixing.mixmask.fill == "image"),
                                             ("erase", cfg.mixing.mixmask.enabled and cfg.mixing.mixmask.fill != "image"),
                                             ("Un-Mix", cfg.mixing.unmix.enabled)) if on) or "-"
+        if cfg.method.name.endswith("_adios"):
+            from mixfast.methods.masker import MaskerSettings
+
+            st = MaskerSettings.from_config(cfg.masker)
+            mixing = f"learned masks: {st.kind}, N={st.num_masks}"
         method = cfg.method.name + (f" v{cfg.method.version}" if cfg.method.name == "moco" else "")
         lines.append(f"| `configs/{r.name}.json` | {method} | {mixing} | {r.paper_row} |")
     return "\n".join(lines)

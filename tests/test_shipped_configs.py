@@ -28,7 +28,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.json"))
 SHRINK = [
     "data.name=synthetic", "data.synthetic_size=32", "data.image_size=32", "data.num_workers=0",
     "model.width=4", "model.head_hidden_dim=32", "model.feature_dim=16", "model.predictor_hidden_dim=8",
-    "method.queue_size=64", "train.batch_size=16", "log.every_steps=1", "log.progress=false",
+    "method.queue_size=64", "masker.width=8", "train.batch_size=16", "log.every_steps=1", "log.progress=false",
     "log.tensorboard=false", "eval.knn_at_start=false", "eval.knn_every=0",
 ]
 

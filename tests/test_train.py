@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,14 +73,30 @@ def losses_by_step(out: Path) -> dict[int, float]:
     return losses
 
 
-def test_kill_then_restart_resumes_with_the_uninterrupted_losses(tmp_path):
-    overrides = [*TINY, "train.epochs=3", "train.checkpoint_every_steps=5"]  # 16 steps/epoch, 48 in all
-    run_module("demo.json", tmp_path / "a", overrides)
-    reference = losses_by_step(tmp_path / "a")
-    assert sorted(reference) == list(range(1, 49))
+def metrics_by_step(out: Path, key: str) -> dict[int, float]:
+    """Last logged value of `key` at every step (a resumed run appends to the same file)."""
+    values = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            values[record["step"]] = record[key]
+    return values
+
+
+@pytest.mark.parametrize("config,epochs", [("demo.json", 3), ("demo_adios.json", 2)])
+def test_kill_then_restart_resumes_with_the_uninterrupted_losses(tmp_path, config, epochs):
+    """SIGKILL after the first checkpoint, restart: every logged loss equals the uninterrupted run's.
+    demo_adios: the masker's weights, SGD state and schedule come back too (its objective and lr are
+    compared as well)."""
+    overrides = [*TINY, f"train.epochs={epochs}", "train.checkpoint_every_steps=5"]  # 16 steps/epoch
+    total = 16 * epochs
+    keys = ["train/loss"] + (["train/masker_objective", "train/masker_lr"] if "adios" in config else [])
+    run_module(config, tmp_path / "a", overrides)
+    reference = {key: metrics_by_step(tmp_path / "a", key) for key in keys}
+    assert sorted(reference["train/loss"]) == list(range(1, total + 1))
 
     out = tmp_path / "b"
-    cmd = [sys.executable, "-m", "mixfast.train", *_args("demo.json", out, overrides)]
+    cmd = [sys.executable, "-m", "mixfast.train", *_args(config, out, overrides)]
     victim = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
@@ -89,14 +106,15 @@ def test_kill_then_restart_resumes_with_the_uninterrupted_losses(tmp_path):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed; make it longer"
     before = losses_by_step(out)
-    assert max(before) < 48
+    assert max(before) < total
 
-    resumed = run_module("demo.json", out, overrides)  # the same command again
+    resumed = run_module(config, out, overrides)  # the same command again
     assert "resuming at step" in resumed.stdout
-    after = losses_by_step(out)
-    assert sorted(after) == list(range(1, 49))
-    for step in range(1, 49):
-        assert after[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), f"step {step}"
+    for key in keys:
+        after = metrics_by_step(out, key)
+        assert sorted(after) == list(range(1, total + 1)), key
+        for step in range(1, total + 1):
+            assert after[step] == pytest.approx(reference[key][step], rel=1e-5, abs=1e-6), f"{key} at step {step}"
 
 
 def test_deepspeed_launcher_two_ranks_mixmask_unmix(tmp_path):
@@ -124,6 +142,26 @@ def test_deepspeed_launcher_two_ranks_simclr_gathers_across_ranks(tmp_path):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert 0 < record["train/lam_mixmask"] < 1
     assert (out / "checkpoints" / "latest").exists()
+
+
+def test_deepspeed_launcher_two_ranks_adversarial_masker_stays_identical(tmp_path):
+    """ADIOS under the launcher with 2 ranks: each rank's masker sees its own half of the batch, its
+    gradients are averaged over ranks, so after every step the maskers are the same on both ranks
+    (tests/adios_ranks.py prints a digest of each rank's masker weights after each step)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+           str(REPO / "tests" / "adios_ranks.py"), str(REPO / "configs" / "demo_adios.json"), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    digests: dict[int, dict[int, str]] = {}
+    for rank, step, digest in re.findall(r"MASKER (\d+) (\d+) ([0-9a-f]{16})", proc.stdout):
+        digests.setdefault(int(step), {})[int(rank)] = digest
+    assert sorted(digests) == [0, 1, 2, 3], proc.stdout[-3000:]
+    for step, by_rank in digests.items():
+        assert sorted(by_rank) == [0, 1] and by_rank[0] == by_rank[1], f"step {step}: {by_rank}"
+    assert len({digests[s][0] for s in digests}) == 4  # the masker moved at every step
 
 
 def test_imagenet_config_path_under_launcher(tmp_path):

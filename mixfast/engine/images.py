@@ -4,7 +4,8 @@ The method decides what is shown (its `StepResult.images`, in display order); th
 only knows how to draw two kinds of rows:
 
 * an image batch ``[B, 3, H, W]`` (normalized as the data recipe does): un-normalized;
-* a mask batch ``bool [1 or B, g, g]``: upsampled to the images' size, white = kept.
+* a mask batch ``bool [1 or B, g, g]``: upsampled to the images' size, white = kept;
+* a soft mask batch ``float [B, H, W]`` in [0, 1] (learned masks): grey levels, white = 1.
 
 A value may be a zero-argument callable returning such a tensor: rows that cost work to
 produce (a switch image) are computed only when the grid is saved. Other values are skipped.
@@ -54,6 +55,8 @@ def grid_rows(images: dict[str, Row], recipe: str) -> list[torch.Tensor]:
             rows.append(_denormalize(v[:_COLUMNS], recipe))
         elif v.dim() == 3 and v.dtype == torch.bool:
             rows.append(_mask_row(v, batch, h, w))
+        elif v.dim() == 3 and v.is_floating_point() and v.shape[-2:] == (h, w):
+            rows.append(v[:_COLUMNS].detach().float().cpu().clamp(0, 1)[:, None].expand(-1, 3, h, w))
     return rows
 
 

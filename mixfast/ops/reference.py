@@ -708,3 +708,21 @@ def soft_infonce(
         logits = logits.masked_fill(drop, float("-inf"))
     lse = torch.logsumexp(logits, dim=1, keepdim=True)  # [M, 1]
     return lse - s
+
+
+def check_occlude_args(x, masks) -> None:
+    check_image_batch("occlude", x)
+    if not isinstance(masks, torch.Tensor) or masks.dim() != 4 or not masks.is_floating_point():
+        raise ValueError(f"occlude: masks must be a float tensor [B, N, H, W], got {_describe(masks)}")
+    if masks.size(0) != x.size(0) or masks.shape[-2:] != x.shape[-2:]:
+        raise ValueError(f"occlude: masks {tuple(masks.shape)} must be [B, N, H, W] for images {tuple(x.shape)}")
+    if masks.device != x.device:
+        raise ValueError(f"occlude: masks are on {masks.device}, images on {x.device}")
+
+
+def occlude(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The N occluded copies of a batch: out[k, b] = x[b] * (1 - masks[b, k]) (1 = removed).
+
+    x [B, C, H, W], masks [B, N, H, W] in [0, 1] -> [N, B, C, H, W] in x's dtype; one copy per mask."""
+    check_occlude_args(x, masks)
+    return torch.stack([x * (1 - masks[:, k:k + 1]).to(x.dtype) for k in range(masks.size(1))])

@@ -1,0 +1,141 @@
+"""Train the adversarial-masking demos and check that their maskers are adversaries.
+
+For `configs/demo_adios.json` and `configs/demo_sequential.json` (SimCLR + ADIOS, SimCLR +
+sequential masking, on the built-in digits) this trains each run as a user would type it, then
+loads the finished run and, on the held-out test images (two augmented views each, fixed seed,
+encoder in eval mode), measures:
+
+* the encoder loss with each image's own masks and with masks borrowed from another image of the
+  batch (the batch rolled by one): an adversarial masker hides what matters in *its* image, so the
+  first must be larger;
+* each mask's coverage (the fraction of an image it removes): mean, min and max over the images.
+
+    python benchmarks/demo_adversarial.py [--out runs/demo_adversarial] [--only demo_adios] [--skip-train]
+
+Writes `results.json` and `results.md` under --out (the README's table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DEMOS = ["demo_adios", "demo_sequential"]
+_KNN_LINE = re.compile(r"kNN top-1: random-init ([\d.]+)% -> trained ([\d.]+)%")
+
+
+def train(name: str, run_dir: Path, log: Path) -> tuple[str, float]:
+    cmd = [sys.executable, "-m", "mixfast.train", "--config", f"configs/{name}.json",
+           "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false"]
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wall = time.perf_counter() - start
+    log.write_text(proc.stdout)
+    if proc.returncode != 0:
+        sys.exit(f"training failed ({proc.returncode}); last lines of {log}:\n"
+                 + "\n".join(proc.stdout.splitlines()[-20:]))
+    return proc.stdout, wall
+
+
+def adversary_check(config: Path, run_dir: Path, batch: int = 64, seed: int = 0) -> dict:
+    """Own-mask vs borrowed-mask encoder loss and mask coverage on the demo's test images."""
+    import torch
+
+    from mixfast.config import load_config
+    from mixfast.data.datasets import DigitsDemo, TwoViewDataset
+    from mixfast.data.transforms import two_view_transform
+    from mixfast.engine import distributed as dist_utils
+    from mixfast.methods.masker import coverage
+    from mixfast.train import Trainer
+
+    cfg = load_config(config, [
+        f"train.output_dir={run_dir}", "train.resume=auto", "log.tensorboard=false", "log.progress=false",
+        "log.image_grid=false", "eval.knn_at_start=false"])
+    trainer = Trainer(cfg, dist_utils.init_distributed())
+    if trainer.state.step == 0:
+        sys.exit(f"{run_dir}: no finished run to check (train it first)")
+    module, method = trainer.engine.module, trainer.method
+    mode = os.environ.get("ADV_MODE", "eval")
+    module.train(mode == "train")
+    method.train(mode == "train")
+    d = cfg.data
+    torch.manual_seed(seed)  # the augmentations draw from torch's global generator
+    test = TwoViewDataset(DigitsDemo(train=False), two_view_transform(d.augmentation, d.image_size,
+                                                                        d.crop_min_scale, d.hflip))
+    loader = torch.utils.data.DataLoader(test, batch_size=batch, shuffle=False, drop_last=True)
+    own, borrowed, wins, cover = [], [], 0, []
+    for item in loader:
+        x1, x2 = item[0], item[1]
+        a, b = method.adversary_check(module, x1, x2)
+        own.append(a)
+        borrowed.append(b)
+        wins += a > b
+        with torch.no_grad():
+            cover.append(coverage(method.masker(x2 if 2 in method.masked_views else x1)))
+    s = torch.cat(cover)  # [images, N]
+    n = len(own)
+    return {"batches": n, "loss_own_masks": sum(own) / n, "loss_borrowed_masks": sum(borrowed) / n,
+            "own_above_borrowed_batches": int(wins),
+            "coverage_mean": s.mean(0).tolist(), "coverage_min": s.min(0).values.tolist(),
+            "coverage_max": s.max(0).values.tolist(), "steps": trainer.state.step}
+
+
+def markdown(records: list[dict]) -> str:
+    head = ["config", "masks", "kNN random-init", "kNN trained", "loss own masks", "loss borrowed masks",
+            "own > borrowed (batches)", "coverage per mask: mean [min, max]", "train wall"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        cov = "; ".join(f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in
+                        zip(r["coverage_mean"], r["coverage_min"], r["coverage_max"]))
+        rows.append("| " + " | ".join([
+            f"`{r['config']}`", r["masks"], f"{r['knn_random_init']:.2f}%", f"{r['knn_trained']:.2f}%",
+            f"{r['loss_own_masks']:.3f}", f"{r['loss_borrowed_masks']:.3f}",
+            f"{r['own_above_borrowed_batches']}/{r['batches']}", cov, f"{r['train_wall_s']:.0f} s"]) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/demo_adversarial"))
+    ap.add_argument("--only", nargs="+", choices=DEMOS, default=DEMOS)
+    ap.add_argument("--skip-train", action="store_true", help="reuse finished runs under --out")
+    args = ap.parse_args()
+    out = args.out if args.out.is_absolute() else ROOT / args.out
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    earlier = {}
+    if (out / "results.json").exists():
+        earlier = {r["config"]: r for r in json.loads((out / "results.json").read_text())}
+    records = []
+    for name in args.only:
+        run_dir, log = out / name, out / "logs" / f"{name}.train.log"
+        config = f"configs/{name}.json"
+        if args.skip_train and (run_dir / "backbone_torchvision.pth").exists():
+            text, wall = log.read_text(), earlier.get(config, {}).get("train_wall_s", float("nan"))
+        else:
+            text, wall = train(name, run_dir, log)
+        m = _KNN_LINE.findall(text)
+        if not m:
+            sys.exit(f"{name}: no 'kNN top-1: random-init ... -> trained ...' line in {log}")
+        cfg = json.loads((ROOT / config).read_text())
+        rec = {"config": config, "masks": f"{cfg['masker']['kind']}, N={cfg['masker']['num_masks']}",
+               "knn_random_init": float(m[-1][0]), "knn_trained": float(m[-1][1]), "train_wall_s": wall,
+               **adversary_check(ROOT / config, run_dir)}
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+    (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    table = markdown(records)
+    (out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Digest of each rank's masker weights at the start and after each of 3 ADIOS steps (run by
+test_train.py under the DeepSpeed launcher with 2 ranks).
+
+    deepspeed --num_gpus 2 tests/adios_ranks.py CONFIG OUTPUT_DIR
+
+The ranks read disjoint halves of every batch, so their local masker gradients differ: the
+weights stay equal only if the gradients are averaged across ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mixfast  # noqa: F401,E402  (torchvision compatibility shim first)
+import torch  # noqa: E402
+
+from mixfast.config import load_config  # noqa: E402
+from mixfast.engine import distributed as dist_utils  # noqa: E402
+from mixfast.train import Trainer  # noqa: E402
+
+
+def digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        if isinstance(p, torch.Tensor):
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main(config: str, out: str) -> None:
+    cfg = load_config(config, [
+        "data.name=synthetic", "data.synthetic_size=64", "data.num_workers=0", "train.batch_size=16",
+        "model.width=8", f"train.output_dir={out}", "train.resume=none", "log.image_grid=false",
+        "log.tensorboard=false", "log.progress=false", "eval.knn_at_start=false"])
+    trainer = Trainer(cfg, dist_utils.init_distributed())
+    trainer.engine.train()
+    trainer.method.train()
+    rank = dist_utils.rank()
+    print(f"MASKER {rank} 0 {digest(trainer.method.masker.net)}", flush=True)
+    batches = iter(trainer.train_loader)
+    for step in range(1, 4):
+        trainer.train_step(next(batches))
+        print(f"MASKER {rank} {step} {digest(trainer.method.masker.net)}", flush=True)
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    main(args[0], args[1])
