@@ -77,7 +77,8 @@ class MixSiamConfig(Section):
 
 class MethodConfig(Section):
     name: str = Field(
-        "moco", description="Framework: a method registered in mixfast/methods (moco, simclr, byol, simsiam, mixsiam), "
+        "moco", description="Framework: a method registered in mixfast/methods (moco, simclr, byol, simsiam, mixsiam; "
+                            "simclr_adios, byol_adios, simsiam_adios, moco_adios: learned masks, see masker), "
                             "each checking its own rules on this config when the trainer starts.")
     version: Literal[1, 2] = Field(
         2, description="MoCo version. 2: MLP head (model.head='mlp'), mocov2 augmentation. 1: linear head (checked), "

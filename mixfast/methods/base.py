@@ -15,6 +15,11 @@ A method owns its rules, its state and what it shows:
   method's check (the trainer calls it right after loading the config);
 * state carried from one step to the next (MoCo's keys waiting for the queue) lives on the
   Method object, and `after_step` consumes it;
+* a second optimizer outside DeepSpeed (the ADIOS masker): its module is a submodule of the
+  Method, its optimizer and schedule ride in the Method's `state_dict` through that module's
+  `get_extra_state`/`set_extra_state` (so in the checkpoint), and its step runs in
+  `after_step`, after the engine's optimizer step, with gradients from `torch.autograd.grad`
+  over its own parameters only (no `.grad` of the engine's parameters is written);
 * EMA targets: `momentum_pairs(online)` lists (target, online) modules, and the one
   `momentum_update` of this base class updates them all;
 * the first-batch image grid: `StepResult.images`, labelled rows in display order (image
@@ -83,7 +88,8 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def after_step(self, result: StepResult) -> None:
-        """Work that must follow the optimizer step (MoCo: enqueue the keys)."""
+        """Work that must follow the optimizer step (MoCo: enqueue the keys; ADIOS: the masker's
+        step). Statistics added to `result.stats` here are logged with the step's."""
 
     def momentum_pairs(self, online: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
         """(EMA target, online module) pairs of this method; none by default."""
