@@ -1,7 +1,7 @@
 """Digest of each rank's masker weights at the start and after each of 3 ADIOS steps (run by
 test_train.py under the DeepSpeed launcher with 2 ranks).
 
-    deepspeed --num_gpus 2 tests/adios_ranks.py CONFIG OUTPUT_DIR
+    deepspeed --num_gpus 2 tests/adios_ranks.py CONFIG OUTPUT_DIR [KEY=VALUE ...]
 
 The ranks read disjoint halves of every batch, so their local masker gradients differ: the
 weights stay equal only if the gradients are averaged across ranks.
@@ -32,11 +32,12 @@ def digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def main(config: str, out: str) -> None:
+def main(config: str, out: str, extra: list[str]) -> None:
     cfg = load_config(config, [
-        "data.name=synthetic", "data.synthetic_size=64", "data.num_workers=0", "train.batch_size=16",
-        "model.width=8", f"train.output_dir={out}", "train.resume=none", "log.image_grid=false",
-        "log.tensorboard=false", "log.progress=false", "eval.knn_at_start=false"])
+        "data.name=synthetic", "data.synthetic_size=64", "data.image_size=32", "data.num_workers=0",
+        "train.batch_size=16", "model.width=8", "model.head_hidden_dim=32", "model.feature_dim=16",
+        "model.predictor_hidden_dim=8", "method.queue_size=64", "masker.width=8", f"train.output_dir={out}", "train.resume=none", "log.image_grid=false",
+        "log.tensorboard=false", "log.progress=false", "eval.knn_at_start=false", *extra])
     trainer = Trainer(cfg, dist_utils.init_distributed())
     trainer.engine.train()
     trainer.method.train()
@@ -50,4 +51,4 @@ def main(config: str, out: str) -> None:
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    main(args[0], args[1])
+    main(args[0], args[1], args[2:])

@@ -144,7 +144,15 @@ def test_deepspeed_launcher_two_ranks_simclr_gathers_across_ranks(tmp_path):
     assert (out / "checkpoints" / "latest").exists()
 
 
-def test_deepspeed_launcher_two_ranks_adversarial_masker_stays_identical(tmp_path):
+@pytest.mark.parametrize("config,overrides", [
+    ("demo_adios.json", []),                          # SimCLR + ADIOS
+    ("demo_sequential.json", []),                     # SimCLR + sequential
+    ("stl10_byol_adios.json", []),                    # BYOL + ADIOS
+    ("in100s_simsiam_adios.json", []),                # SimSiam + ADIOS, both views masked
+    ("in100_simclr_adios_s.json", []),                # ADIOS-s
+    ("demo_adios.json", ["method.name=moco_adios", "model.head=mlp"]),  # MoCo: shuffle-BN across ranks
+], ids=["simclr-adios", "simclr-sequential", "byol-adios", "simsiam-adios", "simclr-adios-s", "moco-adios"])
+def test_deepspeed_launcher_two_ranks_adversarial_masker_stays_identical(tmp_path, config, overrides):
     """ADIOS under the launcher with 2 ranks: each rank's masker sees its own half of the batch, its
     gradients are averaged over ranks, so after every step the maskers are the same on both ranks
     (tests/adios_ranks.py prints a digest of each rank's masker weights after each step)."""
@@ -152,7 +160,7 @@ def test_deepspeed_launcher_two_ranks_adversarial_masker_stays_identical(tmp_pat
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           str(REPO / "tests" / "adios_ranks.py"), str(REPO / "configs" / "demo_adios.json"), str(tmp_path / "run")]
+           str(REPO / "tests" / "adios_ranks.py"), str(REPO / "configs" / config), str(tmp_path / "run"), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     digests: dict[int, dict[int, str]] = {}
