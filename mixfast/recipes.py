@@ -297,6 +297,15 @@ def _demo_recipes() -> list[Recipe]:
     #   MixSiam SGD lr 0.06/0.12/0.2 -> 88.1/95.0/95.3 (0.12 kept, SimSiam's)
     # That split is the one the kNN reports, so these rates are tuned on it; the paper-scale
     # recipes above keep the papers' values.
+    # The adversarial demos' maskers: a one-seed sweep at the demo budget, scored by the adversary
+    # check of benchmarks/demo_adversarial.py on the test images (loss with the image's own masks
+    # minus with borrowed masks, mean ± s.e. over 50 batch pairs, encoder BN in eval mode):
+    #   ADIOS N 3, lr 0.02, wd 5e-4 -> +0.007 ± 0.005; N 4, lr 0.05, wd 5e-4 -> +0.044 ± 0.004
+    #     (N 3 at lr 0.02 / 0.1 with the encoder's wd 1e-6: masks a fixed split of the frame)
+    #   sequential alpha_b 1: mask coverage 0.2 / 0.87 / 0.19 (far off the 0.25 budget), so alpha_b 10;
+    #     alpha_b 10 with lr 0.1 -> -0.006 ± 0.002; alpha_c 1e-2 -> -0.003 ± 0.001;
+    #     N 4, lr 0.05, wd 5e-4 -> -0.006 ± 0.003 (kept: the ADIOS demo's masker settings).
+    #   No sequential setting tried makes the own masks the harder ones on held-out images.
     mm = _variants(4)["_mixmask"][1]
     entries = {
         "demo": ("MoCo v2 + MixMask + Un-Mix (make demo)", _merge(_variants(4)["_mixmask_unmix"][1], {
@@ -314,10 +323,12 @@ def _demo_recipes() -> list[Recipe]:
             "optim": {"name": "sgd", "lr": 0.12, "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 1.0}})),
         "demo_adios": ("SimCLR + ADIOS", _merge(_NO_MIXING, _DEMO_SIMCLR, {
             "method": {"name": "simclr_adios"},
-            "masker": {"kind": "adios", "num_masks": 3, "width": 16, "lr": 0.02, "warmup_epochs": 1.0}})),
+            "masker": {"kind": "adios", "num_masks": 4, "width": 16, "lr": 0.05, "weight_decay": 5e-4,
+                       "warmup_epochs": 1.0}})),
         "demo_sequential": ("SimCLR + sequential adversarial masking", _merge(_NO_MIXING, _DEMO_SIMCLR, {
             "method": {"name": "simclr_adios"},
-            "masker": {"kind": "sequential", "num_masks": 3, "width": 16, "lr": 0.02, "warmup_epochs": 1.0}})),
+            "masker": {"kind": "sequential", "num_masks": 4, "width": 16, "lr": 0.05, "weight_decay": 5e-4,
+                       "budget_weight": 10.0, "warmup_epochs": 1.0}})),
         "demo_mixsiam": ("MixSiam", _merge(_NO_MIXING, {
             "model": {"head": "simsiam", "head_hidden_dim": 256, "feature_dim": 256, "predictor_hidden_dim": 64},
             "method": {"name": "mixsiam"},

@@ -357,6 +357,14 @@ def test_each_step_touches_only_its_own_parameters_and_the_masker_ascends(config
 
     result = method.training_step(engine, x1, x2, 0, trainer._backward)
     engine.step()
+    # the first-batch grid: both views, then per masked view its N masks and the occluded copies it used
+    from mixfast.engine.images import grid_rows
+
+    n = method.settings.num_masks
+    used = 1 if method.settings.kind == "adios_s" else n
+    rows = grid_rows(result.images, "cifar")
+    assert len(rows) == 2 + len(method.masked_views) * (n + used)
+    assert all(r.shape == rows[0].shape for r in rows)
     # the encoder step: the encoder moved, the masker neither moved nor got a gradient
     assert _same(_snapshot(method.masker), masker0)
     assert all(p.grad is None for p in method.masker.parameters())

@@ -125,14 +125,15 @@ class AdversarialStep(Method):
 
     def _grid(self, views, masks, used) -> dict:
         """First-batch grid rows: each view, then per masked view its N masks (white = kept) and the
-        occluded copies the encoder sees."""
+        occluded copies the encoder sees. Callables: computed only when the grid is drawn (step 0)."""
         rows: dict = {"view1": views[1], "view2": views[2]}
         for v, m in masks.items():
             for k in range(m.size(1)):
-                rows[f"view{v}_mask{k}"] = (1 - m[:, k]).detach().float()
-            shown = used[v].detach()
+                rows[f"view{v}_mask{k}"] = lambda m=m, k=k: (1 - m[:, k]).detach().float()
+            shown = used[v]
             for k in range(shown.size(1)):
-                rows[f"view{v}_occluded{k}"] = (views[v] * (1 - shown[:, k:k + 1]).to(views[v].dtype)).detach()
+                rows[f"view{v}_occluded{k}"] = lambda x=views[v], s=shown, k=k: (
+                    x * (1 - s[:, k:k + 1].detach()).to(x.dtype)).detach()
         return rows
 
     @torch.no_grad()
