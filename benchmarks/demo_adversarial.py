@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,8 +37,11 @@ def train(name: str, run_dir: Path, log: Path) -> tuple[str, float]:
     cmd = [sys.executable, "-m", "mixfast.train", "--config", f"configs/{name}.json",
            "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false"]
     print("$", " ".join(cmd), flush=True)
+    # a fresh single-process run: not the rendezvous variables this process set for its own checks
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - start
     log.write_text(proc.stdout)
     if proc.returncode != 0:

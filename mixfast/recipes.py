@@ -302,9 +302,10 @@ def _demo_recipes() -> list[Recipe]:
     # minus with borrowed masks, mean ± s.e. over 50 batch pairs, encoder BN in eval mode):
     #   ADIOS N 3, lr 0.02, wd 5e-4 -> +0.007 ± 0.005; N 4, lr 0.05, wd 5e-4 -> +0.044 ± 0.004
     #     (N 3 at lr 0.02 / 0.1 with the encoder's wd 1e-6: masks a fixed split of the frame)
-    #   sequential alpha_b 1: mask coverage 0.2 / 0.87 / 0.19 (far off the 0.25 budget), so alpha_b 10;
-    #     alpha_b 10 with lr 0.1 -> -0.006 ± 0.002; alpha_c 1e-2 -> -0.003 ± 0.001;
-    #     N 4, lr 0.05, wd 5e-4 -> -0.006 ± 0.003 (kept: the ADIOS demo's masker settings).
+    #   sequential N 3, lr 0.02: alpha_b 1 -> mask coverage 0.2 / 0.87 / 0.19 (far off the 0.25
+    #     budget), +0.002 over 5 batches; alpha_b 10 -> coverage 0.25, -0.006 over 5 batches;
+    #     alpha_b 10 with lr 0.1 -> -0.006 ± 0.002; alpha_b 10, alpha_c 1e-2 -> -0.003 ± 0.001;
+    #     alpha_b 10, N 4, lr 0.05, wd 5e-4 -> -0.006 ± 0.003 (kept: the ADIOS demo's masker settings).
     #   No sequential setting tried makes the own masks the harder ones on held-out images.
     mm = _variants(4)["_mixmask"][1]
     entries = {
