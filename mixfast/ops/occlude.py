@@ -4,9 +4,10 @@ out[k, b] = x[b] * (1 - m[b, k]): one broadcast multiply over all N masks, nothi
 Python. It moves the minimum bytes (read x and the masks, write the N copies the encoder reads),
 so a fused kernel could only run it closer to the copy speed, not move less; none is kept.
 `benchmarks/bench_occlude.py` measures it against the per-mask loop of `reference.occlude` (its
-specification) and a copy of the same bytes: on the 2-core CPU 1.3-1.6x the loop and 0.44-0.68
-of copy speed in float32, but only 0.08-0.25 in bfloat16 (the CPU's bf16 elementwise path); not
-yet measured on a GPU.
+specification) and a copy of the same bytes (benchmarks/results/occlude-cpu-2cpus.json): on the
+2-core CPU, float32, 1.25-1.54x the loop at 0.29-0.67 of copy speed; bfloat16 channels_last
+only 0.05-0.26 of copy speed and 1.05x / 0.83x the loop (slower than the loop at 224 px: the
+CPU's bf16 broadcast path). Not yet measured on a GPU, the case it is meant for.
 """
 
 from __future__ import annotations
