@@ -31,7 +31,7 @@ from mixfast.config import ConfigError, RunConfig
 from mixfast.methods.base import Backward, Method, StepResult, register
 from mixfast.methods.byol import BYOL
 from mixfast.methods.encoders import build_predictor_encoder, build_query_encoder, finalize
-from mixfast.methods.masker import AdversarialMasker, mask_stats, objective, reduce_masks
+from mixfast.methods.masker import AdversarialMasker, MaskerSettings, mask_stats, objective, reduce_masks
 from mixfast.methods.moco import MoCo
 from mixfast.methods.simclr import SimCLR
 from mixfast.methods.simsiam import SimSiam
@@ -257,7 +257,7 @@ def check_adversarial_config(cfg: RunConfig) -> None:
     mc = cfg.masker
     try:
         with torch.device("meta"):
-            MaskerUNet(cfg.data.image_size, 5 if mc.num_masks is None else mc.num_masks, mc.width, mc.norm,
+            MaskerUNet(cfg.data.image_size, MaskerSettings.from_config(mc).num_masks, mc.width, mc.norm,
                        "sequential" if mc.kind == "sequential" else "adios", mc.condition, mc.blocks)
     except ValueError as err:
         raise ConfigError(f"masker: {err}") from None
