@@ -144,6 +144,21 @@ def test_deepspeed_launcher_two_ranks_simclr_gathers_across_ranks(tmp_path):
     assert (out / "checkpoints" / "latest").exists()
 
 
+def test_an_empty_latest_file_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    """DeepSpeed opens `latest` before writing the tag into it: a run killed at that instant leaves it
+    empty (seen in CI as a crash of the resumed run). The restart takes the newest complete step."""
+    out = tmp_path / "run"
+    overrides = [*TINY, "train.checkpoint_every_steps=2"]
+    run_module("demo.json", out, [*overrides, "train.max_steps=4"])
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step000000002", "step000000004"]
+    (ckpts / "latest").write_text("")
+    resumed = run_module("demo.json", out, [*overrides, "train.max_steps=5"])
+    assert "resuming at step 4" in resumed.stdout
+    assert "not a complete checkpoint" in resumed.stderr and "step000000004" in resumed.stderr
+    assert sorted(losses_by_step(out)) == [1, 2, 3, 4, 5]
+
+
 @pytest.mark.parametrize("config,overrides", [
     ("demo_adios.json", []),                          # SimCLR + ADIOS
     ("demo_sequential.json", []),                     # SimCLR + sequential

@@ -5,7 +5,9 @@ it does not own but a resumed run needs: the method's state (`Method.state_dict(
 momentum encoder, queue and pointer; BYOL's target network), the training position
 (epoch, global step, batches consumed in the epoch), RNG states and the kNN history.
 DeepSpeed writes the `latest` file only after a checkpoint is complete, so a run killed
-while saving resumes from the previous one.
+while saving resumes from the previous one. It opens `latest` before writing the tag into it,
+so a kill at that instant leaves it empty: resuming then takes the newest complete step
+checkpoint on disk (`resume_tag`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from mixfast.engine import distributed as dist_utils
 CHECKPOINTS = "checkpoints"  # below train.output_dir
 # The tags `save` writes (step000001234); pruning and eval's newest-tag choice read the step from them.
 STEP_TAG = re.compile(r"^step(\d+)$")
+# The file every complete (ZeRO 0-2, one model-parallel rank) DeepSpeed checkpoint tag holds.
+MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 @dataclass
@@ -80,6 +84,24 @@ def _prune(ckpt_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
+def resume_tag(ckpt_dir: str) -> Optional[str]:
+    """The tag `latest` names when that checkpoint is complete, else (an empty or stale `latest`, from
+    a run killed while writing it) the newest complete step checkpoint, with a warning; None if none."""
+    with open(os.path.join(ckpt_dir, "latest")) as f:
+        named = f.read().strip()
+    if named and os.path.isfile(os.path.join(ckpt_dir, named, MODEL_STATES)):
+        return named
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(ckpt_dir)
+                   if (m := STEP_TAG.match(name)) and os.path.isfile(os.path.join(ckpt_dir, name, MODEL_STATES)))
+    if not steps:
+        return None
+    import warnings
+
+    warnings.warn(f"{ckpt_dir}/latest names {named or 'nothing'!r}, which is not a complete checkpoint (a run "
+                  f"killed while writing it); resuming from the newest complete one, {steps[-1][1]!r}")
+    return steps[-1][1]
+
+
 def resume(engine, method, output_dir: str, how: str, loader=None) -> Optional[TrainState]:
     """Load per `train.resume` ('auto' | 'none' | tag). Returns the state, or None for a fresh run."""
     if how == "none":
@@ -88,7 +110,10 @@ def resume(engine, method, output_dir: str, how: str, loader=None) -> Optional[T
     if how == "auto":
         if not os.path.isfile(os.path.join(ckpt_dir, "latest")):
             return None
-        tag = None
+        tag = resume_tag(ckpt_dir)
+        if tag is None:
+            raise RuntimeError(f"train.resume=auto: {ckpt_dir!r} has a 'latest' file but no complete checkpoint "
+                               f"(no step*/{MODEL_STATES}); move the directory away to start afresh")
     else:
         tag = how
         if not os.path.isdir(os.path.join(ckpt_dir, tag)):

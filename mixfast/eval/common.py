@@ -41,13 +41,12 @@ from tqdm.auto import tqdm
 from mixfast.config import ConfigError, RunConfig, config_from_dict, dump_config
 from mixfast.data import EvalDataset, build_datasets, collate_eval, eval_transform, normalize
 from mixfast.data.loader import EvalLoader
-from mixfast.engine.checkpoint import CHECKPOINTS, STEP_TAG
+from mixfast.engine.checkpoint import CHECKPOINTS, MODEL_STATES, STEP_TAG
 from mixfast.engine.logging import info
 from mixfast.models import build_backbone
 
 EXPORT_NAME = "backbone_torchvision.pth"
 CONFIG_NAME = "config.json"
-MODEL_STATES = "mp_rank_00_model_states.pt"
 _MODEL_STATES_RE = re.compile(r"^mp_rank_\d+_model_states\.pt$")
 
 
