@@ -15,12 +15,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mixfast  # noqa: F401,E402  (torchvision compatibility shim first)
 import torch  # noqa: E402
+from tiny_trainer import tiny_trainer  # noqa: E402  (tests/ is this script's directory)
 
-from mixfast.config import load_config  # noqa: E402
 from mixfast.engine import distributed as dist_utils  # noqa: E402
-from mixfast.train import Trainer  # noqa: E402
 
 
 def digest(module: torch.nn.Module) -> str:
@@ -33,14 +31,10 @@ def digest(module: torch.nn.Module) -> str:
 
 
 def main(config: str, out: str, extra: list[str]) -> None:
-    cfg = load_config(config, [
-        "data.name=synthetic", "data.synthetic_size=64", "data.image_size=32", "data.num_workers=0",
-        "train.batch_size=16", "model.width=8", "model.head_hidden_dim=32", "model.feature_dim=16",
-        "model.predictor_hidden_dim=8", "method.queue_size=64", "masker.width=8", f"train.output_dir={out}", "train.resume=none", "log.image_grid=false",
-        "log.tensorboard=false", "log.progress=false", "eval.knn_at_start=false", *extra])
-    trainer = Trainer(cfg, dist_utils.init_distributed())
-    trainer.engine.train()
-    trainer.method.train()
+    trainer = tiny_trainer(config, [
+        "data.synthetic_size=64", "data.image_size=32", "train.batch_size=16", "model.width=8",
+        "model.head_hidden_dim=32", "model.feature_dim=16", "model.predictor_hidden_dim=8", "method.queue_size=64",
+        "masker.width=8"], extra, output_dir=out)
     rank = dist_utils.rank()
     print(f"MASKER {rank} 0 {digest(trainer.method.masker.net)}", flush=True)
     batches = iter(trainer.train_loader)

@@ -11,24 +11,14 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 
-import mixfast  # noqa: F401  (torchvision compatibility shim first)
-from mixfast.config import load_config
-from mixfast.engine import distributed as dist_utils
+from tiny_trainer import tiny_trainer  # tests/ is this script's directory
+
 from mixfast.engine.syncs import SyncCounter
-from mixfast.train import Trainer
 
 
 def main(config: str, overrides: list[str]) -> dict:
-    out = tempfile.mkdtemp(prefix="mixfast-syncs-")
-    cfg = load_config(config, [
-        "data.name=synthetic", "data.synthetic_size=64", "data.num_workers=0", "train.batch_size=16",
-        "model.width=8", f"train.output_dir={out}", "train.resume=none", "log.image_grid=false",
-        "log.tensorboard=false", "log.progress=false", "eval.knn_at_start=false", *overrides])
-    trainer = Trainer(cfg, dist_utils.init_distributed())
-    trainer.engine.train()
-    trainer.method.train()
+    trainer = tiny_trainer(config, ["data.synthetic_size=64", "train.batch_size=16", "model.width=8"], overrides)
     batches = iter(trainer.train_loader)
     for _ in range(2):
         trainer.read_metrics(trainer.train_step(next(batches)))

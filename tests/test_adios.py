@@ -5,7 +5,6 @@ isolation of the two alternating steps."""
 from __future__ import annotations
 
 import math
-import tempfile
 
 import pytest
 import torch
@@ -314,17 +313,10 @@ def test_config_rules_name_the_keys():
 # --- the alternating steps through the trainer -----------------------------------------------------
 
 def _trainer(config: str, *overrides: str):
-    from mixfast.engine import distributed as dist_utils
-    from mixfast.train import Trainer
+    from tiny_trainer import tiny_trainer
 
-    out = tempfile.mkdtemp(prefix="mixfast-adios-")
-    cfg = load_config(REPO / "configs" / config, [
-        "data.name=synthetic", "data.synthetic_size=32", "data.num_workers=0", "train.batch_size=8",
-        "model.width=4", f"train.output_dir={out}", "train.resume=none", "log.image_grid=false",
-        "log.tensorboard=false", "log.progress=false", "eval.knn_at_start=false", *overrides])
-    trainer = Trainer(cfg, dist_utils.init_distributed())
-    trainer.engine.train()
-    trainer.method.train()
+    trainer = tiny_trainer(REPO / "configs" / config, ["data.synthetic_size=32", "train.batch_size=8", "model.width=4"],
+                           list(overrides))
     return trainer, next(iter(trainer.train_loader))
 
 

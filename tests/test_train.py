@@ -52,25 +52,20 @@ def run_module(config: str, out: Path, overrides: list[str], check: bool = True)
 
 
 def run_launcher(config: str, out: Path, overrides: list[str], ranks: int) -> subprocess.CompletedProcess:
+    return launch(REPO / "mixfast" / "train.py", _args(config, out, overrides), ranks)
+
+
+def launch(script: Path, args: list[str], ranks: int) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus ranks script args` on a free port; fails with the output's tail."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port),
-           str(REPO / "mixfast" / "train.py"), *_args(config, out, overrides)]
+           str(script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
     return proc
-
-
-def losses_by_step(out: Path) -> dict[int, float]:
-    """Last logged loss of every step (a resumed run appends to the same file)."""
-    losses = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/loss" in record:
-            losses[record["step"]] = record["train/loss"]
-    return losses
 
 
 def metrics_by_step(out: Path, key: str) -> dict[int, float]:
@@ -81,6 +76,10 @@ def metrics_by_step(out: Path, key: str) -> dict[int, float]:
         if key in record:
             values[record["step"]] = record[key]
     return values
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    return metrics_by_step(out, "train/loss")
 
 
 @pytest.mark.parametrize("config,epochs", [("demo.json", 3), ("demo_adios.json", 2)])
@@ -171,13 +170,8 @@ def test_deepspeed_launcher_two_ranks_adversarial_masker_stays_identical(tmp_pat
     """ADIOS under the launcher with 2 ranks: each rank's masker sees its own half of the batch, its
     gradients are averaged over ranks, so after every step the maskers are the same on both ranks
     (tests/adios_ranks.py prints a digest of each rank's masker weights after each step)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-           str(REPO / "tests" / "adios_ranks.py"), str(REPO / "configs" / config), str(tmp_path / "run"), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    proc = launch(REPO / "tests" / "adios_ranks.py", [str(REPO / "configs" / config), str(tmp_path / "run"), *overrides],
+                  ranks=2)
     digests: dict[int, dict[int, str]] = {}
     for rank, step, digest in re.findall(r"MASKER (\d+) (\d+) ([0-9a-f]{16})", proc.stdout):
         digests.setdefault(int(step), {})[int(rank)] = digest

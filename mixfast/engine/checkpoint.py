@@ -84,13 +84,24 @@ def _prune(ckpt_dir: str, keep: int) -> None:
         shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
 
 
+def latest_complete_tag(ckpt_dir: str) -> tuple[Optional[str], str]:
+    """(the tag `latest` names if that checkpoint is complete, else None; what `latest` says, '' if
+    it is empty or missing)."""
+    path = os.path.join(ckpt_dir, "latest")
+    named = ""
+    if os.path.isfile(path):
+        with open(path) as f:
+            named = f.read().strip()
+    complete = bool(named) and os.path.isfile(os.path.join(ckpt_dir, named, MODEL_STATES))
+    return (named if complete else None), named
+
+
 def resume_tag(ckpt_dir: str) -> Optional[str]:
     """The tag `latest` names when that checkpoint is complete, else (an empty or stale `latest`, from
     a run killed while writing it) the newest complete step checkpoint, with a warning; None if none."""
-    with open(os.path.join(ckpt_dir, "latest")) as f:
-        named = f.read().strip()
-    if named and os.path.isfile(os.path.join(ckpt_dir, named, MODEL_STATES)):
-        return named
+    tag, named = latest_complete_tag(ckpt_dir)
+    if tag is not None:
+        return tag
     steps = sorted((int(m.group(1)), name) for name in os.listdir(ckpt_dir)
                    if (m := STEP_TAG.match(name)) and os.path.isfile(os.path.join(ckpt_dir, name, MODEL_STATES)))
     if not steps:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from mixfast.config import ConfigError, RunConfig, config_from_dict, dump_config
 from mixfast.data import EvalDataset, build_datasets, collate_eval, eval_transform, normalize
 from mixfast.data.loader import EvalLoader
-from mixfast.engine.checkpoint import CHECKPOINTS, MODEL_STATES, STEP_TAG
+from mixfast.engine.checkpoint import CHECKPOINTS, MODEL_STATES, STEP_TAG, latest_complete_tag
 from mixfast.engine.logging import info
 from mixfast.models import build_backbone
 
@@ -77,11 +77,9 @@ class BackboneSource:
 
 def _newest_tag(ckpt_dir: Path) -> Path:
     """The tag named in ``latest`` when it exists, else the newest tag directory holding model states."""
-    latest = ckpt_dir / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if (ckpt_dir / tag / MODEL_STATES).is_file():
-            return ckpt_dir / tag
+    tag, _ = latest_complete_tag(str(ckpt_dir))
+    if tag is not None:
+        return ckpt_dir / tag
     tags = [p for p in ckpt_dir.iterdir() if p.is_dir() and (p / MODEL_STATES).is_file()] if ckpt_dir.is_dir() else []
     if not tags:
         raise SourceError(f"{ckpt_dir}: no DeepSpeed checkpoint (no <tag>/{MODEL_STATES}) found there")
