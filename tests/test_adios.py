@@ -93,8 +93,10 @@ def test_sequential_mask_k_does_not_depend_on_later_heads(condition):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 0.0), (torch.float64, 0.0), (torch.bfloat16, 0.0)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
-def test_occlude_matches_the_reference_with_gradients(dtype, tol, layout):
+@pytest.mark.parametrize("with_fill", [False, True])
+def test_occlude_matches_the_reference_with_gradients(dtype, tol, layout, with_fill):
     g = torch.Generator().manual_seed(_seed())
+    fill = torch.randn(3, generator=g) if with_fill else None
     b, n, h, w = 3, 4, 7, 5  # ragged sizes
     x = torch.randn(b, 3, h, 2 * w, generator=g).to(dtype)
     x = x[..., ::2] if layout == "strided" else x[..., :w].contiguous()
@@ -103,7 +105,7 @@ def test_occlude_matches_the_reference_with_gradients(dtype, tol, layout):
     masks = torch.rand(b, n, h, w, generator=g)
     xa, ma = x.detach().requires_grad_(), masks.clone().requires_grad_()
     xb, mb = x.detach().requires_grad_(), masks.clone().requires_grad_()
-    out, want = ops.occlude(xa, ma), ref.occlude(xb, mb)
+    out, want = ops.occlude(xa, ma, fill), ref.occlude(xb, mb, fill)
     assert out.shape == (n, b, 3, h, w) and out.dtype == dtype
     torch.testing.assert_close(out, want, rtol=tol, atol=tol)
     if layout == "channels_last":
@@ -113,6 +115,19 @@ def test_occlude_matches_the_reference_with_gradients(dtype, tol, layout):
     want.backward(grad)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-2)
     torch.testing.assert_close(ma.grad, mb.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=1e-2)
+
+
+def test_occlude_fill_replaces_exactly_the_removed_pixels():
+    g = torch.Generator().manual_seed(_seed())
+    x, fill = torch.randn(2, 3, 4, 5, generator=g), torch.tensor([-1.5, 0.25, 2.0])
+    masks = torch.zeros(2, 3, 4, 5)
+    masks[:, 1] = 1.0
+    masks[:, 2, :, :2] = 1.0  # the left two columns removed
+    out = ops.occlude(x, masks, fill)
+    assert torch.equal(out[0], x)  # nothing removed
+    assert torch.equal(out[1], fill.view(1, 3, 1, 1).expand_as(x))  # everything removed
+    assert torch.equal(out[2][..., :2], fill.view(1, 3, 1, 1).expand(2, 3, 4, 2))
+    assert torch.equal(out[2][..., 2:], x[..., 2:])
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -126,6 +141,12 @@ def test_occlude_bad_inputs_raise(bad, match):
     x, m = torch.randn(3, 3, 4, 4), torch.rand(3, 2, 4, 4)
     with pytest.raises(ValueError, match=match):
         ops.occlude(*bad(x, m))
+
+
+@pytest.mark.parametrize("fill", [torch.zeros(2), torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), [0.0, 0.0, 0.0]])
+def test_occlude_bad_fill_raises(fill):
+    with pytest.raises(ValueError, match=r"occlude: fill must be a float tensor \[C\] = \[3\]"):
+        ops.occlude(torch.randn(3, 3, 4, 4), torch.rand(3, 2, 4, 4), fill)
 
 
 # --- penalties and the objective, from their formulas in float64 -------------------------------------
@@ -296,6 +317,22 @@ def test_adios_s_uses_one_of_the_masks_per_sample_reproducibly():
     assert torch.equal(method._used(masks, step=7), one)  # a pure function of (seed, rank, step)
     others = [method._used(masks, step=s) for s in range(8, 20)]
     assert any(not torch.equal(o, one) for o in others) and all(0 <= k < 4 for k in picked)
+
+
+@pytest.mark.parametrize("fill", ["mean", "black"])
+def test_masker_fill_sets_the_removed_pixels_in_pixel_space(fill):
+    from mixfast.data.transforms import mean_std
+
+    _, method = _method("simclr_adios", fill=fill)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in mean_std(method.cfg.data.augmentation))
+    x2 = torch.randn(2, 3, 5, 5)
+    masks = torch.zeros(2, 1, 5, 5)
+    masks[:, :, :2] = 1.0  # the top two rows removed
+    out = method._occluded({2: x2}, {2: masks}, detach=True)[2][0]
+    pixels = out * std + mean  # back to [0, 1] pixel values
+    want = 0.0 if fill == "black" else mean.expand(2, 3, 2, 5)
+    torch.testing.assert_close(pixels[..., :2, :], torch.zeros_like(pixels[..., :2, :]) + want, rtol=0, atol=1e-6)
+    assert torch.equal(out[..., 2:, :], x2[..., 2:, :])
 
 
 def test_config_rules_name_the_keys():

@@ -28,6 +28,7 @@ from torch import nn
 
 from mixfast import ops
 from mixfast.config import ConfigError, RunConfig
+from mixfast.data.transforms import mean_std
 from mixfast.methods.base import Backward, Method, StepResult, register
 from mixfast.methods.byol import BYOL
 from mixfast.methods.encoders import build_predictor_encoder, build_query_encoder, finalize
@@ -53,6 +54,16 @@ class AdversarialStep(Method):
         self.masker = AdversarialMasker(self.cfg)
         self.settings = self.masker.settings
         self._pending: tuple | None = None  # what the masker step needs from the encoder step
+        self._fill: dict[torch.device, torch.Tensor] = {}  # masker.fill per device, copied there once
+
+    def fill(self, device: torch.device) -> torch.Tensor | None:
+        """The value of removed pixels per channel in normalized space (None = 0, `masker.fill=mean`)."""
+        if self.cfg.masker.fill == "mean":
+            return None
+        if device not in self._fill:
+            mean, std = mean_std(self.cfg.data.augmentation)
+            self._fill[device] = (-torch.tensor(mean) / torch.tensor(std)).to(device)
+        return self._fill[device]
 
     def set_total_steps(self, total_steps: int) -> None:
         super().set_total_steps(total_steps)
@@ -79,7 +90,8 @@ class AdversarialStep(Method):
 
     def _occluded(self, views: dict[int, torch.Tensor], used: dict[int, torch.Tensor],
                   detach: bool) -> dict[int, torch.Tensor]:
-        return {v: ops.occlude(views[v], used[v].detach() if detach else used[v], validate=False) for v in used}
+        return {v: ops.occlude(views[v], used[v].detach() if detach else used[v], self.fill(views[v].device),
+                               validate=False) for v in used}
 
     @staticmethod
     def _encode(encode, clean: list[torch.Tensor], masked: list[torch.Tensor], clean_grad: bool) -> tuple[list, list]:
@@ -132,8 +144,8 @@ class AdversarialStep(Method):
                 rows[f"view{v}_mask{k}"] = lambda m=m, k=k: (1 - m[:, k]).detach().float()
             shown = used[v]
             for k in range(shown.size(1)):
-                rows[f"view{v}_occluded{k}"] = lambda x=views[v], s=shown, k=k: (
-                    x * (1 - s[:, k:k + 1].detach()).to(x.dtype)).detach()
+                rows[f"view{v}_occluded{k}"] = lambda x=views[v], s=shown, k=k: ops.occlude(
+                    x, s[:, k:k + 1].detach(), self.fill(x.device), validate=False)[0].detach()
         return rows
 
     @torch.no_grad()
