@@ -176,9 +176,12 @@ class PassCounter:
 
     def __init__(self, roots, batch: int):
         from mixfast.models.resnet import ScaledResNet
+        from mixfast.models.vit import PatchEmbed
 
         self.batch, self.images = batch, {True: 0, False: 0}
-        backbones = {id(m): m for root in roots for m in root.modules() if isinstance(m, ScaledResNet)}
+        # a ViT counts the images entering its patch embedding, whatever share of their tokens it keeps
+        # (MAE: 1 pass at 25% of the tokens; MixedAE: 1/4 pass of mixed images at every token)
+        backbones = {id(m): m for root in roots for m in root.modules() if isinstance(m, (ScaledResNet, PatchEmbed))}
         self.handles = [m.register_forward_hook(self._hook) for m in backbones.values()]
 
     def _hook(self, module, inputs, output):
@@ -198,7 +201,7 @@ class Supervised:
 
         torch.manual_seed(cfg.train.seed)
         mc = cfg.model
-        backbone = build_backbone(mc.arch, mc.width, mc.cifar_stem)
+        backbone = build_backbone(mc.arch, mc.width, mc.cifar_stem, image_size=cfg.data.image_size)
         self.model = nn.Sequential(backbone, nn.Linear(backbone.feature_dim, SUPERVISED_CLASSES)).to(device)
         self.channels_last = mc.channels_last
         if self.channels_last:
@@ -436,7 +439,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--config", default=DEFAULT_CONFIG, help=f"trainer config (default {DEFAULT_CONFIG})")
     ap.add_argument("--batch", type=_positive, default=None, help="images per view (default: the config's)")
     ap.add_argument("--image-size", type=_positive, default=None, help="crop size (default: the config's)")
-    ap.add_argument("--arch", default=None, help="model.arch override (resnet18, resnet50)")
+    ap.add_argument("--arch", default=None, help="model.arch override (resnet18, resnet50, a ViT of mixfast.models.VIT_ARCHS)")
     ap.add_argument("--width", type=_positive, default=None, help="model.width override")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="any other config override, e.g. --set model.bn_splits=1 (repeatable)")

@@ -24,6 +24,14 @@
 #                  embeddings and the queue is fp32, also under bf16 autocast)
 #   bench-compile  bench_train.py rows (d), (f) and (g): torch.compile of ResNet-50 takes minutes, so it runs last,
 #                  in its own invocation, and its ratios come from that run
+#   tests-adios    gpu-marked step-sync tests of the adversarial-masking methods (ADIOS, sequential, MoCo ADIOS-s)
+#   bench-adios    bench_train.py rows (a)-(c) and (g) for SimCLR + ADIOS and SimCLR + sequential masking at the
+#                  ImageNet-100-S sizes (B=128, 96², ResNet-18), and bench_occlude.py on the GPU
+#   tests-mixedae  the TopK attention and group-mixing op tests (on the GPU: CUDA, FlexAttention, Triton) and test_mae
+#   bench-mae      bench_train.py rows (a), (b), (d) and (g) for MAE and MixedAE ViT-B/16 (B=256, 224²): (a) runs the
+#                  reference TopK attention, (d) the fused one
+#   bench-topk     bench_topk_attention.py (MixedAE's homologous attention): reference vs the fused paths
+# GPU_CHECK_STAGES=name,name,... runs only those stages (env and install always run); default: all.
 # Everything lands in benchmarks/results/gpu-check-<UTC time>/ (one log per stage, the JSON/CSV results, summary.txt)
 # and, if $OUT is set, is copied there after every stage, with a tarball of the folder at the end.
 # MIXFAST_COMMIT=<hash> records the commit in the results where the checkout has no .git.
@@ -69,8 +77,13 @@ collect() {  # bench_mix / bench_infonce write benchmarks/results/<name>-<tag>.{
   return 0
 }
 
+selected() {  # is stage NAME in GPU_CHECK_STAGES (empty = all)? env and install always run
+  [[ -z "${GPU_CHECK_STAGES:-}" || $1 == env || $1 == install || ",$GPU_CHECK_STAGES," == *",$1,"* ]]
+}
+
 stage() {  # stage NAME CAP_SECONDS 'COMMAND' -- runs under bash -c, output in RUN_DIR/NAME.log
   local name=$1 cap=$2 cmd=$3
+  selected "$name" || return 0
   local left=$(( START + BUDGET_S - $(date +%s) ))
   if (( left < 15 )); then
     echo "$name: skipped (budget of ${BUDGET_S} s spent)" | tee -a "$SUMMARY"
@@ -148,6 +161,31 @@ stage bench-mix 90 "$PY benchmarks/bench_mix.py $MIX_ARGS --no-readme --tag $TAG
 collect mix
 stage bench-infonce 90 "$PY benchmarks/bench_infonce.py $INFONCE_ARGS --no-readme --tag $TAG"
 collect infonce
+if [[ $MODE == gpu ]]; then
+  ADIOS_SIZES="--batch 128 --image-size 96 --steps 10 --warmup 3"
+  OCCLUDE_ARGS="--device cuda --reps 50"
+  TOPK_ARGS="--device cuda"
+else
+  ADIOS_SIZES="--device cpu --threads 1 --arch resnet18 --width 4 --batch 8 --image-size 32 --steps 2 --warmup 1 --set masker.width=8"
+  OCCLUDE_ARGS="--device cpu --reps 2"
+  TOPK_ARGS="--device cpu --shapes demo --batch 2 --reps 2 --no-memory"
+fi
+if [[ $MODE == gpu ]]; then
+  stage tests-adios 120 "$PYTEST -m gpu tests/test_sync_free.py -k 'adios or sequential'"
+fi
+stage bench-adios 200 "for c in in100s_simclr_adios in100s_simclr_sequential; do $PY benchmarks/bench_train.py --config configs/\$c.json --rows papers,bf16,channels_last,supervised $ADIOS_SIZES --results-file $RUN_DIR/train-\$c-$TAG.json || exit 1; done; $PY benchmarks/bench_occlude.py $OCCLUDE_ARGS --results-file $RUN_DIR/occlude-$TAG.json"
+if [[ $MODE == gpu ]]; then  # on a CPU these files run in the ordinary suite
+  stage tests-mixedae 150 "$PYTEST -x tests/ops/test_topk_attention.py tests/ops/test_group_mix.py tests/test_mae.py"
+fi
+if [[ $MODE == gpu ]]; then
+  MAE_SIZES="--batch 256 --image-size 224 --steps 10 --warmup 3"
+else
+  MAE_SIZES="--device cpu --threads 1 --arch vit_tiny --batch 8 --image-size 32 --steps 2 --warmup 1"
+fi
+stage bench-mae 240 "for c in in1k_mae in1k_mixedae; do $PY benchmarks/bench_train.py --config configs/\$c.json --rows papers,bf16,fused,supervised $MAE_SIZES --results-file $RUN_DIR/train-\$c-$TAG.json || exit 1; done"
+if [[ -e benchmarks/bench_topk_attention.py ]]; then
+  stage bench-topk 120 "$PY benchmarks/bench_topk_attention.py $TOPK_ARGS --results-file $RUN_DIR/topk-attention-$TAG.json"
+fi
 publish
 if [[ $MODE == gpu ]]; then
   stage bench-compile 300 "$PY benchmarks/bench_train.py --rows fused,compile,supervised $TRAIN_SIZES --results-file $RUN_DIR/train-compile-$TAG.json"

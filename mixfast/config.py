@@ -30,8 +30,14 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    arch: Literal["resnet18", "resnet50"] = Field(
-        "resnet50", description="torchvision backbone.")
+    arch: Literal["resnet18", "resnet50", "vit_tiny", "vit_small_patch16", "vit_base_patch16",
+                  "vit_large_patch16"] = Field(
+        "resnet50", description="Backbone: a torchvision ResNet, or a ViT (timm key names; 'vit_tiny' = patch 4, "
+                                "96-d, 4 blocks, 4 heads for the 32-px demo; the others patch 16 at data.image_size "
+                                "px). The ViTs are for method.name = mae / mixedae.")
+    pool: Literal["cls", "mean"] = Field(
+        "cls", description="ViT only: the feature the kNN monitor, linear probe and fine-tuning read: the CLS token, "
+                           "or the mean of the patch tokens.")
     width: int = Field(
         64, ge=4, description="Channels of the first stage (64 = the standard ResNet); smaller widths make CPU demos fast.")
     cifar_stem: bool = Field(
@@ -75,10 +81,45 @@ class MixSiamConfig(Section):
                            "'none' = no aggregated target, L_mix = (D(p_m, sg z1) + D(p_m, sg z2)) / 2 (ablation).")
 
 
+class MAEConfig(Section):
+    """Masked autoencoders (`method.name` = mae, mixedae); ignored by the other methods."""
+
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="mae: share of the patch tokens removed per image "
+                                                                "(argsort of uniform noise; MAE keeps int(L*(1-r))).")
+    norm_pix_loss: bool = Field(True, description="Reconstruction target: each patch's pixels normalized by its own "
+                                                  "mean and unbiased variance (MAE's norm_pix_loss), else raw pixels.")
+
+
+class MixedAEConfig(Section):
+    """MixedAE (`method.name` = mixedae): groups of images mixed into one input; the switches give the
+    paper's Table A4 ablations."""
+
+    group_size: int = Field(4, ge=2, description="Images per mixed input (1/r; the paper's r = 0.25).")
+    cell_tokens: int = Field(2, ge=1, description="Side of a map cell in tokens (2 = the paper's 32x32-pixel cells at "
+                                                  "patch 16); each cell comes from one image, balanced over the group.")
+    attention: Literal["topk", "global", "segment"] = Field(
+        "topk", description="Encoder attention: 'topk' = homologous attention (each patch token keeps its TopK keys, "
+                            "the CLS row is global); 'global' = dense (the naive-mixing ablation); 'segment' = "
+                            "restricted to the token's true source (Table A4a's leakage check).")
+    topk: Optional[int] = Field(None, ge=1, description="K of the homologous attention; null = L / group_size "
+                                                        "(49 for ViT-B/16 at 224 px).")
+    segment_embed: bool = Field(True, description="Add the sine-cosine embedding of each token's source index to the "
+                                                  "input of every encoder block.")
+    recon_weight: float = Field(1.0, ge=0.0, description="Weight of the per-source reconstruction loss (0 = HomoCon "
+                                                         "alone, Table A4b).")
+    homocon_weight: float = Field(1.0, ge=0.0, description="Weight of HomoCon, the SupCon loss over the encoder's "
+                                                           "patch tokens with same-source positives (0 = off).")
+    homocon_temperature: float = Field(0.07, gt=0.0, description="Temperature of HomoCon.")
+    log_topk_accuracy: bool = Field(True, description="Log the TopK accuracy (share of kept keys from the query's "
+                                                      "source, mean over blocks); costs one extra score pass per "
+                                                      "block.")
+
+
 class MethodConfig(Section):
     name: str = Field(
         "moco", description="Framework: a method registered in mixfast/methods (moco, simclr, byol, simsiam, mixsiam; "
-                            "simclr_adios, byol_adios, simsiam_adios, moco_adios: learned masks, see masker), "
+                            "simclr_adios, byol_adios, simsiam_adios, moco_adios: learned masks, see masker; mae, mixedae: "
+                            "ViT masked autoencoders, see mae and mixedae), "
                             "each checking its own rules on this config when the trainer starts.")
     version: Literal[1, 2] = Field(
         2, description="MoCo version. 2: MLP head (model.head='mlp'), mocov2 augmentation. 1: linear head (checked), "
@@ -167,6 +208,12 @@ class MaskerConfig(Section):
         "features", description="sequential only: mask k sees S_{k-1} = sum of the earlier masks as an extra "
                                 "channel of the head's input ('features', one U-Net pass) or as a 4th input channel "
                                 "of the U-Net ('input', N U-Net passes).")
+    fill: Literal["mean", "black"] = Field(
+        "mean", description="What a removed pixel becomes: 'mean' = 0 after normalization, i.e. the data set's mean "
+                            "colour (x * (1 - m), the papers'); 'black' = pixel value 0 before normalization "
+                            "(x * (1 - m) + m * (-mean/std)). On images with a uniform black background (the demo "
+                            "digits) the grey of 'mean' draws each mask's outline, which tells the encoder the "
+                            "shape the masker chose.")
     reduction: Optional[Literal["sum", "mean"]] = Field(
         None, description="How the per-mask terms (encoder loss and masker objective) are combined over the N "
                           "masks; null = 'sum' for adios/adios_s (ADIOS code), 'mean' for sequential (seed paper).")
@@ -231,9 +278,10 @@ class DataConfig(Section):
     check_threads: Optional[int] = Field(
         None, ge=1, description="Threads per rank of the start-up check; null = the machine's CPUs / ranks per node.")
     image_size: int = Field(224, ge=8, description="Crop size of both views.")
-    augmentation: Literal["mocov2", "mocov1", "cifar"] = Field(
+    augmentation: Literal["mocov2", "mocov1", "cifar", "mae"] = Field(
         "mocov2", description="Two-view recipe, the same for both views: 'mocov2' (MoCo v2), 'mocov1' (MoCo v1), "
-                              "'cifar' (Un-Mix's CIFAR code: crop scale 0.08-1, no blur); see mixfast.data.transforms.")
+                              "'cifar' (Un-Mix's CIFAR code: crop scale 0.08-1, no blur), 'mae' (MAE: crop scale "
+                              "0.2-1 with bicubic resize, flip, no colour); see mixfast.data.transforms.")
     crop_min_scale: Optional[float] = Field(
         None, gt=0.0, le=1.0, description="Lower bound of RandomResizedCrop's scale; null = the recipe's (0.2 MoCo, 0.08 CIFAR).")
     hflip: bool = Field(True, description="Random horizontal flip in both views (off for non-mirror-symmetric data such as digits).")
@@ -256,11 +304,17 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "adam"] = Field(
-        "sgd", description="Optimizer: SGD with momentum, or Adam (SimCLR/BYOL on CIFAR and Tiny-ImageNet, paper Table 8).")
-    lr: float = Field(0.03, gt=0.0, description="Peak learning rate for train.batch_size (no implicit scaling).")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (Adam: beta1 is 0.9, beta2 0.999).")
+    name: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd", description="Optimizer: SGD with momentum, Adam (SimCLR/BYOL on CIFAR and Tiny-ImageNet, paper Table 8), "
+                           "or AdamW (decoupled weight decay: MAE, MixedAE).")
+    lr: float = Field(0.03, gt=0.0, description="Peak learning rate for train.batch_size (no implicit scaling; the MAE "
+                                                "recipes compute blr * batch / 256).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum; beta1 of Adam/AdamW.")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="beta2 of Adam/AdamW (MAE: 0.95).")
     weight_decay: float = Field(1e-4, ge=0.0, description="Weight decay.")
+    no_decay_1d: bool = Field(False, description="No weight decay on 1-D parameters (biases, norms) and on the ViT's "
+                                                 "tokens and positions (MAE); false = every parameter decays, as in "
+                                                 "the contrastive papers' code.")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="Learning-rate schedule, stepped per iteration.")
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length in epochs.")
     min_lr: float = Field(0.0, ge=0.0, description="Floor of the cosine schedule.")
@@ -322,6 +376,8 @@ class RunConfig(Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
     masker: MaskerConfig = Field(default_factory=MaskerConfig)
+    mae: MAEConfig = Field(default_factory=MAEConfig)
+    mixedae: MixedAEConfig = Field(default_factory=MixedAEConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

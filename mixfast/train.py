@@ -36,18 +36,22 @@ from mixfast.eval.knn import knn_accuracy
 from mixfast.methods import build_method
 from mixfast.methods.base import check_config as check_method_config
 from mixfast.methods.base import StepResult
-from mixfast.models import export_torchvision_state_dict
+from mixfast.models import export_torchvision_state_dict, param_groups_no_decay
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def build_optimizer(params, cfg):
-    """SGD with momentum (MoCo, SimSiam, MixSiam) or Adam (SimCLR/BYOL, paper Table 8).
-    Weight decay applies to every parameter, as in the papers' code."""
+def build_optimizer(module: torch.nn.Module, cfg):
+    """SGD with momentum (MoCo, SimSiam, MixSiam), Adam (SimCLR/BYOL, paper Table 8) or AdamW (MAE).
+    Weight decay applies to every parameter, as in the contrastive papers' code, unless
+    `optim.no_decay_1d` (MAE: none on biases, norms, tokens and positions)."""
+    params = param_groups_no_decay(module, cfg.weight_decay) if cfg.no_decay_1d else module.parameters()
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -116,7 +120,7 @@ class Trainer:
         self.method.to(device)
         self.method.set_total_steps(self.total_steps)  # schedules span the epochs, like the LR
         check_parameter_layout(trained)
-        optimizer = build_optimizer(trained.parameters(), cfg.optim)
+        optimizer = build_optimizer(trained, cfg.optim)
         warmup = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(self.total_steps, warmup, cfg.optim))
         self.engine, _, _, _ = deepspeed.initialize(

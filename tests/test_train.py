@@ -181,6 +181,18 @@ def test_deepspeed_launcher_two_ranks_adversarial_masker_stays_identical(tmp_pat
     assert len({digests[s][0] for s in digests}) == 4  # the masker moved at every step
 
 
+def test_deepspeed_launcher_two_ranks_mixedae(tmp_path):
+    """MixedAE under the launcher with 2 ranks: each rank mixes its own groups (per-rank cell maps),
+    DeepSpeed averages the gradients; the run checkpoints, logs its terms and exports a timm-keyed ViT."""
+    out = tmp_path / "run"
+    proc = run_launcher("demo_mixedae.json", out, [*TINY, "train.max_steps=3"], ranks=2)
+    assert "kNN top-1: trained" in proc.stdout
+    for key in ("train/loss_recon", "train/loss_homocon", "train/topk_accuracy"):
+        assert sorted(metrics_by_step(out, key)) == [1, 2, 3], key
+    state = torch.load(out / "backbone_torchvision.pth")
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight"} <= set(state)
+
+
 def test_imagenet_config_path_under_launcher(tmp_path):
     """configs/in1k_mixmask.json as shipped (ResNet-50, MLP head, bf16 autocast, block grid 8),
     data swapped for synthetic and sizes shrunk so it runs in seconds on CPU."""

@@ -84,6 +84,9 @@ RECIPE_PARAMS = {
     "mocov2": dict(min_scale=0.2, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.5),
     "mocov1": dict(min_scale=0.2, jitter=(0.4, 0.4, 0.4, 0.4), p_jitter=1.0, p_gray=0.2, p_blur=0.0),
     "cifar": dict(min_scale=0.08, jitter=(0.4, 0.4, 0.4, 0.1), p_jitter=0.8, p_gray=0.2, p_blur=0.0),
+    # MAE: crop (bicubic resize) and flip only
+    "mae": dict(min_scale=0.2, jitter=(0.0, 0.0, 0.0, 0.0), p_jitter=0.0, p_gray=0.0, p_blur=0.0,
+                interp="INTERP_CUBIC"),
 }
 _BLUR_SIGMA = (0.1, 2.0)
 _ASPECT = (3.0 / 4.0, 4.0 / 3.0)
@@ -135,8 +138,20 @@ def _view(fn, types, jpegs, *, size, recipe, min_scale, hflip, decoder_device, b
     """One augmented view of the encoded JPEGs (DALI graph code, runs inside a pipeline_def)."""
     p = RECIPE_PARAMS[recipe]
     img = _decode(fn, types, jpegs, decoder_device, [min_scale, 1.0], list(_ASPECT))
-    resize_kw = {**_RESIZE_KW, "interp_type": getattr(types, _RESIZE_KW["interp_type"])}
+    resize_kw = {**_RESIZE_KW, "interp_type": getattr(types, p.get("interp", _RESIZE_KW["interp_type"]))}
     img = fn.resize(img, resize_x=size, resize_y=size, **resize_kw)
+    if p["p_jitter"] > 0 or p["p_gray"] > 0:
+        img = _colour(fn, types, img, p)
+    if p["p_blur"] > 0:
+        img = _blur(fn, types, img, p, blur_window)
+    mean, std = mean_std(recipe)
+    mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+    return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout=layout, mirror=mirror,
+                                    mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])
+
+
+def _colour(fn, types, img, p):
+    """Colour jitter with probability p_jitter, then grayscale with probability p_gray."""
     b, c, s, h = p["jitter"]
     coin = lambda prob: fn.cast(fn.random.coin_flip(probability=prob), dtype=types.FLOAT)  # noqa: E731
     apply = coin(p["p_jitter"]) if p["p_jitter"] < 1 else 1.0
@@ -148,20 +163,20 @@ def _view(fn, types, jpegs, *, size, recipe, min_scale, hflip, decoder_device, b
     # Two ops, each clamping to uint8 like torchvision's per-op clamps; measured here the pair
     # costs about half of one fn.color_twist.
     img = fn.brightness_contrast(img, brightness=bright, contrast=contrast)
-    img = fn.hsv(img, hue=hue, saturation=sat * keep_colour)
-    if p["p_blur"] > 0:
-        from nvidia.dali import math as dmath
+    return fn.hsv(img, hue=hue, saturation=sat * keep_colour)
 
-        sigma = fn.random.uniform(range=list(_BLUR_SIGMA))
-        # Kernel radius ceil(3 sigma) (99.7% of the mass), capped at the torch path's fixed
-        # kernel (23 px at 224): a sigma-0.3 blur then costs a 3-tap kernel instead of 23.
-        window = dmath.min(fn.cast(2.0 * dmath.ceil(3.0 * sigma) + 1.0, dtype=types.INT32), blur_window)
-        if fn.random.coin_flip(probability=p["p_blur"], dtype=types.BOOL):
-            img = fn.gaussian_blur(img, sigma=sigma, window_size=window)
-    mean, std = mean_std(recipe)
-    mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
-    return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout=layout, mirror=mirror,
-                                    mean=[255.0 * m for m in mean], std=[255.0 * v for v in std])
+
+def _blur(fn, types, img, p, blur_window):
+    """Gaussian blur with probability p_blur, sigma uniform in _BLUR_SIGMA."""
+    from nvidia.dali import math as dmath
+
+    sigma = fn.random.uniform(range=list(_BLUR_SIGMA))
+    # Kernel radius ceil(3 sigma) (99.7% of the mass), capped at the torch path's fixed
+    # kernel (23 px at 224): a sigma-0.3 blur then costs a 3-tap kernel instead of 23.
+    window = dmath.min(fn.cast(2.0 * dmath.ceil(3.0 * sigma) + 1.0, dtype=types.INT32), blur_window)
+    if fn.random.coin_flip(probability=p["p_blur"], dtype=types.BOOL):
+        img = fn.gaussian_blur(img, sigma=sigma, window_size=window)
+    return img
 
 
 def _reader_args(files: Sequence[str], shard_id: int, num_shards: int, seed: int) -> dict:

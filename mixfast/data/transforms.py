@@ -25,7 +25,7 @@ MEAN_STD = {
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
 
-RECIPES = ("mocov2", "mocov1", "cifar")
+RECIPES = ("mocov2", "mocov1", "cifar", "mae")
 
 # Above this crop size the eval transform resizes by 256/224 before the centre crop
 # (ImageNet protocol); small images (CIFAR, digits) would lose too much border.
@@ -106,7 +106,17 @@ def _cifar_view(size: int, min_scale: float = 0.08, hflip: bool = True) -> T.Com
     ])
 
 
-_VIEW_BUILDERS = {"mocov2": _mocov2_view, "mocov1": _mocov1_view, "cifar": _cifar_view}
+def _mae_view(size: int, min_scale: float = 0.2, hflip: bool = True) -> T.Compose:
+    """MAE pre-training: RandomResizedCrop (bicubic) and flip only."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        *_flip(hflip),
+        T.ToTensor(),
+        normalize("mae"),
+    ])
+
+
+_VIEW_BUILDERS = {"mocov2": _mocov2_view, "mocov1": _mocov1_view, "cifar": _cifar_view, "mae": _mae_view}
 
 
 def two_view_transform(recipe: str, image_size: int, min_scale: float | None = None, hflip: bool = True) -> TwoViews:

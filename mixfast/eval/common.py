@@ -8,12 +8,14 @@ A *source* (the positional argument of every command) is one of
 - a DeepSpeed checkpoint: the ``checkpoints/`` directory (its ``latest`` tag, else the newest
   tag), a tag directory, or the ``mp_rank_00_model_states.pt`` file itself; the module state
   holds ``backbone.*`` and ``head.*`` and only ``backbone.*`` is used;
-- an exported torchvision-format backbone ``.pth`` (``Trainer.finish`` writes one; a full
-  torchvision ``resnetXX`` state dict works too, its ``fc`` is dropped).
+- an exported backbone ``.pth`` (``Trainer.finish`` writes one): a torchvision-format ResNet (a
+  full torchvision ``resnetXX`` state dict works too, its ``fc`` is dropped) or a timm-format ViT
+  encoder (``patch_embed.*``, ``blocks.*``; a ``head`` is dropped).
 
 The run's ``config.json`` is found next to the source (the run directory, or two levels up
 from a checkpoint tag); without one, ``--arch`` (and ``--width``/``--cifar-stem`` where they
-differ from the defaults) and the data (``--set data.name=...`` or ``--config``) must be given.
+differ from the defaults; a ViT is built for ``data.image_size``) and the data (``--set
+data.name=...`` or ``--config``) must be given.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from mixfast.data import EvalDataset, build_datasets, collate_eval, eval_transfo
 from mixfast.data.loader import EvalLoader
 from mixfast.engine.checkpoint import CHECKPOINTS, MODEL_STATES, STEP_TAG, latest_complete_tag
 from mixfast.engine.logging import info
-from mixfast.models import build_backbone
+from mixfast.models import VIT_ARCHS, build_backbone, is_vit
 
 EXPORT_NAME = "backbone_torchvision.pth"
 CONFIG_NAME = "config.json"
@@ -119,16 +121,24 @@ def backbone_from_checkpoint(obj: Any, path: Path) -> dict:
     return state
 
 
+RESNET_KEY = "conv1.weight"             # the first key of a torchvision-format ResNet
+VIT_KEY = "patch_embed.proj.weight"      # ... of a timm-format ViT encoder
+
+
 def backbone_from_export(obj: Any, path: Path) -> dict:
-    """A torchvision-format ResNet state dict; ``fc.*`` dropped (mixfast exports have none)."""
+    """A torchvision-format ResNet (``fc.*`` dropped) or timm-format ViT (``head.*`` dropped) state
+    dict; mixfast exports have neither classifier."""
     if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
         return backbone_from_checkpoint(obj, path)
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SourceError(f"{path}: not a backbone state dict (expected a dict of tensors like the "
                           f"{EXPORT_NAME} a run writes)")
-    if "conv1.weight" not in obj:
-        raise SourceError(f"{path}: no 'conv1.weight' key: not a torchvision-format ResNet state dict")
-    return {k: v for k, v in obj.items() if not k.startswith("fc.")}
+    if RESNET_KEY in obj:
+        return {k: v for k, v in obj.items() if not k.startswith("fc.")}
+    if VIT_KEY in obj:
+        return {k: v for k, v in obj.items() if not k.startswith("head.")}
+    raise SourceError(f"{path}: neither '{RESNET_KEY}' (a torchvision-format ResNet) nor '{VIT_KEY}' (a "
+                      f"timm-format ViT) among its keys: not a backbone state dict")
 
 
 def resolve_source(path: str | os.PathLike) -> BackboneSource:
@@ -177,9 +187,9 @@ def _str(p: Optional[Path]) -> Optional[str]:
 
 def resolve_config(source: BackboneSource, config: Optional[str] = None, arch: Optional[str] = None,
                    width: Optional[int] = None, cifar_stem: Optional[bool] = None,
-                   overrides: Sequence[str] = ()) -> RunConfig:
-    """The run config (``--config``, else the run's config.json) with --arch/--width/--cifar-stem and
-    ``--set`` overrides applied, validated like the trainer's (errors name the key)."""
+                   overrides: Sequence[str] = (), pool: Optional[str] = None) -> RunConfig:
+    """The run config (``--config``, else the run's config.json) with --arch/--width/--cifar-stem/--pool
+    and ``--set`` overrides applied, validated like the trainer's (errors name the key)."""
     path = config or source.config_path
     if path is None:
         if arch is None:
@@ -206,21 +216,68 @@ def resolve_config(source: BackboneSource, config: Optional[str] = None, arch: O
         model_overrides.append(f"model.width={width}")
     if cifar_stem is not None:
         model_overrides.append(f"model.cifar_stem={json.dumps(cifar_stem)}")
+    if pool is not None:
+        model_overrides.append(f"model.pool={pool}")
     return config_from_dict(raw, [*model_overrides, *overrides], source=where)
 
 
-def load_backbone(source: BackboneSource, cfg: RunConfig) -> nn.Module:
-    """The run's backbone architecture with the source's weights (strict: every key must fit)."""
+def model_text(cfg: RunConfig) -> str:
+    """The settings that shape the backbone, as ``key=value`` words for messages."""
     mc = cfg.model
-    backbone = build_backbone(mc.arch, mc.width, mc.cifar_stem)
+    if is_vit(mc.arch):
+        return f"model.arch={mc.arch} data.image_size={cfg.data.image_size}"
+    return f"model.arch={mc.arch} model.width={mc.width} model.cifar_stem={mc.cifar_stem}"
+
+
+def _weights_kind(state: dict) -> Optional[str]:
+    """'ResNet' or 'ViT' by the first keys of a state dict; None when neither."""
+    if RESNET_KEY in state:
+        return "ResNet"
+    if VIT_KEY in state:
+        return "ViT"
+    return None
+
+
+def _key_diff(model_state: dict, given: dict, limit: int = 4) -> str:
+    """What keeps ``given`` from loading into a model with ``model_state``: its missing and
+    unexpected keys and the shapes that differ (the first few of each)."""
+    def few(keys: list) -> str:
+        return ", ".join(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+    missing = [k for k in model_state if k not in given]
+    unexpected = [k for k in given if k not in model_state]
+    shapes = [f"{k} {tuple(given[k].shape)} in the weights, {tuple(model_state[k].shape)} in the model"
+              for k in model_state if k in given and tuple(given[k].shape) != tuple(model_state[k].shape)]
+    parts = [f"{name}: {few(keys)}" for name, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                        ("shapes differ", shapes)) if keys]
+    return "; ".join(parts) or "the keys match"
+
+
+def load_backbone(source: BackboneSource, cfg: RunConfig, drop_path: float = 0.0) -> nn.Module:
+    """The run's backbone architecture with the source's weights (strict: every key must fit). A ViT
+    is built for ``data.image_size`` with ``model.pool`` and stochastic depth ``drop_path`` (fine-tuning)."""
+    mc = cfg.model
+    try:
+        if is_vit(mc.arch):
+            backbone = build_backbone(mc.arch, mc.width, mc.cifar_stem, image_size=cfg.data.image_size,
+                                      pool=mc.pool, drop_path=drop_path)
+        else:
+            backbone = build_backbone(mc.arch, mc.width, mc.cifar_stem)
+    except ValueError as err:
+        raise SourceError(f"cannot build {model_text(cfg)}: {err}") from None
+    kind, wanted = _weights_kind(source.state_dict), ("ViT" if is_vit(mc.arch) else "ResNet")
+    if kind is not None and kind != wanted:
+        raise SourceError(f"{source.weights}: weights do not fit {model_text(cfg)}: they are a {kind}'s "
+                          f"('{RESNET_KEY if kind == 'ResNet' else VIT_KEY}' ...), model.arch={mc.arch} is a "
+                          f"{wanted} ({_key_diff(backbone.state_dict(), source.state_dict, 3)}); pass the right "
+                          f"--arch")
     try:
         backbone.load_state_dict(source.state_dict, strict=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:4])
-        raise SourceError(f"{source.weights}: weights do not fit model.arch={mc.arch} model.width={mc.width} "
-                          f"model.cifar_stem={mc.cifar_stem} ({detail[:600]}); pass the right --arch/--width/"
-                          f"--cifar-stem") from None
+    except RuntimeError:
+        hint = "--arch/--set data.image_size" if is_vit(mc.arch) else "--arch/--width/--cifar-stem"
+        raise SourceError(f"{source.weights}: weights do not fit {model_text(cfg)} "
+                          f"({_key_diff(backbone.state_dict(), source.state_dict)[:800]}); pass the right "
+                          f"{hint}") from None
     return backbone
 
 
@@ -234,10 +291,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="run directory, DeepSpeed checkpoint (dir, tag dir or model-states file), "
                                        "or exported backbone .pth")
     parser.add_argument("--config", default=None, help="run config JSON (default: the run's config.json)")
-    parser.add_argument("--arch", choices=["resnet18", "resnet50"], default=None, help="override model.arch")
+    parser.add_argument("--arch", choices=["resnet18", "resnet50", *VIT_ARCHS], default=None,
+                        help="override model.arch")
     parser.add_argument("--width", type=int, default=None, help="override model.width")
     parser.add_argument("--cifar-stem", action=argparse.BooleanOptionalAction, default=None,
                         help="override model.cifar_stem")
+    parser.add_argument("--pool", choices=["cls", "mean"], default=None,
+                        help="ViT: override model.pool (the CLS token or the mean of the patch tokens)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key, e.g. --set data.root=/data/imagenet (repeatable)")
     parser.add_argument("--exclude-unknown-classes", action="store_true",
@@ -269,13 +329,17 @@ def add_loop_args(parser: argparse.ArgumentParser) -> None:
                         help="auto: continue from <out>/state.pt when present")
 
 
-def setup(args: argparse.Namespace) -> tuple[BackboneSource, RunConfig, nn.Module, torch.device]:
-    """Source, config and backbone from the common arguments; SystemExit with the message on errors."""
+def setup(args: argparse.Namespace, configure: Optional[Callable[[RunConfig], dict]] = None,
+          ) -> tuple[BackboneSource, RunConfig, nn.Module, torch.device]:
+    """Source, config and backbone from the common arguments; SystemExit with the message on errors.
+    ``configure(cfg)``, called once the run config is known, returns extra ``load_backbone``
+    keywords (the fine-tune's drop path)."""
     try:
         source = resolve_source(args.source)
         overrides = [*args.overrides, *(["data.unknown_val_classes=exclude"] if args.exclude_unknown_classes else [])]
-        cfg = resolve_config(source, args.config, args.arch, args.width, args.cifar_stem, overrides)
-        backbone = load_backbone(source, cfg)
+        cfg = resolve_config(source, args.config, args.arch, args.width, args.cifar_stem, overrides,
+                             getattr(args, "pool", None))
+        backbone = load_backbone(source, cfg, **(configure(cfg) if configure else {}))
     except (SourceError, ConfigError) as err:
         raise SystemExit(f"mixfast: {err}") from None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -346,20 +410,44 @@ def dataset_labels(base: Dataset) -> np.ndarray:
 
 
 AUGMENTS = ("rrc", "crop", "none")
+RANDAUG_LEVELS = 10  # RandAugment magnitudes on timm's / MAE's scale: 0..10 (MAE: rand-m9)
 
 
-def train_transform(augment: str, recipe: str, size: int, hflip: bool) -> Callable:
+def parse_randaug(text: str) -> tuple[int, int]:
+    """``--randaug N,M`` -> (N, M): N operations per image, magnitude M in 0..10 (argparse type)."""
+    try:
+        n, m = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,M (two integers, e.g. 2,9), got {text!r}") from None
+    if n < 0 or not 0 <= m <= RANDAUG_LEVELS:
+        raise argparse.ArgumentTypeError(f"N must be >= 0 and M in 0..{RANDAUG_LEVELS}, got {text!r}")
+    return n, m
+
+
+def randaugment(randaug: tuple[int, int]) -> T.RandAugment:
+    """torchvision's RandAugment with N ops of magnitude M on a 0..10 scale (as timm's ``rand-mM``:
+    M/10 of each op's largest magnitude), i.e. ``num_magnitude_bins`` 11."""
+    n, m = randaug
+    return T.RandAugment(num_ops=n, magnitude=m, num_magnitude_bins=RANDAUG_LEVELS + 1)
+
+
+def train_transform(augment: str, recipe: str, size: int, hflip: bool,
+                    randaug: Optional[tuple[int, int]] = None) -> Callable:
     """'rrc': RandomResizedCrop(size) + flip (the ImageNet linear probe of MoCo's main_lincls.py);
     'crop': resize, RandomCrop(size, padding size/8) + flip (the usual CIFAR recipe); 'none': the
-    deterministic eval transform."""
+    deterministic eval transform. ``randaug`` (N, M): RandAugment after the crop and flip, on the
+    PIL image (as timm's transform of MAE's fine-tuning); not with 'none'."""
     if augment == "none":
+        if randaug is not None:
+            raise ValueError("RandAugment needs a random train transform, not augment 'none'")
         return eval_transform(recipe, size)
     flip = [T.RandomHorizontalFlip()] if hflip else []
+    extra = [randaugment(randaug)] if randaug is not None else []
     if augment == "rrc":
-        return T.Compose([T.RandomResizedCrop(size), *flip, T.ToTensor(), normalize(recipe)])
+        return T.Compose([T.RandomResizedCrop(size), *flip, *extra, T.ToTensor(), normalize(recipe)])
     if augment == "crop":
         return T.Compose([T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=max(1, size // 8)), *flip,
-                          T.ToTensor(), normalize(recipe)])
+                          *extra, T.ToTensor(), normalize(recipe)])
     raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
 
 
@@ -452,6 +540,49 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, schedule: str
     lr_factor(0, epochs, schedule, milestones, gamma)  # validates the schedule name
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda e: lr_factor(e, epochs, schedule, tuple(milestones), gamma))
+
+
+def warmup_cosine(epoch: float, epochs: float, warmup_epochs: float, lr: float, min_lr: float) -> float:
+    """MAE's fine-tuning lr (``util/lr_sched.py``) at the fractional ``epoch`` (epoch + step/steps):
+    linear from 0 over the warm-up epochs, then half a cosine from ``lr`` to ``min_lr``."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    span = max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+
+
+class WarmupCosine:
+    """Per-iteration schedule of the ViT fine-tune: ``set(epoch + step / steps)`` before each
+    optimizer step sets every group's lr to ``warmup_cosine(...) * group["lr_scale"]`` (layer-wise
+    decay; 1 without). A function of the fractional epoch only, so a resumed run continues exactly;
+    ``state_dict`` holds the settings (checked on resume)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, min_lr: float, warmup_epochs: float,
+                 epochs: float):
+        self.optimizer = optimizer
+        self.settings = {"lr": lr, "min_lr": min_lr, "warmup_epochs": warmup_epochs, "epochs": epochs}
+
+    def lr_at(self, epoch: float) -> float:
+        """The base lr (scale 1) at the fractional ``epoch``."""
+        s = self.settings
+        return warmup_cosine(epoch, s["epochs"], s["warmup_epochs"], s["lr"], s["min_lr"])
+
+    def set(self, epoch: float) -> float:
+        """Set every group's lr for the fractional ``epoch``; returns the base lr."""
+        lr = self.lr_at(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def step(self) -> None:
+        """Nothing: the lr is set before each optimizer step (``set``)."""
+
+    def state_dict(self) -> dict:
+        return {"warmup_cosine": dict(self.settings)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("warmup_cosine") != self.settings:
+            raise ValueError(f"saved schedule {state} differs from this run's {self.settings}")
 
 
 def check_milestones(milestones: Sequence[int], epochs: int) -> None:
@@ -549,12 +680,12 @@ def load_state(out: str, hyper: dict, resume: str) -> Optional[dict]:
 @dataclass
 class Trainee:
     """What the linear probe and the fine-tune train, save every epoch and resume: the module
-    (saved under ``key``), its optimizer and its per-epoch LR scheduler."""
+    (saved under ``key``), its optimizer and its LR scheduler."""
 
     key: str
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scheduler: Any  # torch.optim.lr_scheduler.LambdaLR (per epoch) or WarmupCosine (per step)
 
     def state(self, epoch: int, history: list, hyper: dict) -> dict:
         """The per-epoch state that ``save_state`` writes and ``resume_training`` reads back."""
@@ -581,8 +712,10 @@ def base_record(name: str, source: BackboneSource, cfg: RunConfig, data: Labelle
     ``{"train": image_counts(...), "test": ...}``, what the command used and skipped of each split
     (default: the splits as listed and checked)."""
     images = images or {"train": image_counts(data.train), "test": image_counts(data.test)}
-    return {"command": name, "source": source.describe(),
-            "model": {"arch": cfg.model.arch, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem},
+    model = ({"arch": cfg.model.arch, "pool": cfg.model.pool, "image_size": cfg.data.image_size}
+             if is_vit(cfg.model.arch) else
+             {"arch": cfg.model.arch, "width": cfg.model.width, "cifar_stem": cfg.model.cifar_stem})
+    return {"command": name, "source": source.describe(), "model": model,
             "data": {**{k: v for k, v in dump_config(cfg)["data"].items()
                         if k in ("name", "root", "train_split", "val_split", "image_size", "augmentation")},
                      "num_classes": data.num_classes, "train_images": images["train"]["used"],
@@ -595,7 +728,8 @@ def base_record(name: str, source: BackboneSource, cfg: RunConfig, data: Labelle
 # Shared: set-up, the SGD pass, evaluation, the epoch bookkeeping (resume, cadence, logs,
 # state) and the report. What each epoch trains stays in the commands, because it differs:
 # the probe trains a classifier on frozen (possibly precomputed) features of every image with
-# one lr, the fine-tune the whole network in train mode on a subset with two lr groups.
+# one lr, the fine-tune the whole network in train mode on a subset with two lr groups (ResNet
+# recipe) or with AdamW, layer-wise lr decay and a per-step schedule (ViT recipe).
 # ---------------------------------------------------------------------------------------
 
 
@@ -621,10 +755,11 @@ class EvalRun:
                 "test": image_counts(self.data.test, self.failed_test)}
 
 
-def prepare_run(args: argparse.Namespace, out_name: str) -> EvalRun:
+def prepare_run(args: argparse.Namespace, out_name: str,
+                configure: Optional[Callable[[RunConfig], dict]] = None) -> EvalRun:
     """Source, config, backbone, labelled data and output directory (default RUN/eval/<out_name>);
-    also sets ``args.hflip`` to the run's data.hflip when not given."""
-    source, cfg, backbone, device = setup(args)
+    also sets ``args.hflip`` to the run's data.hflip when not given. ``configure``: see ``setup``."""
+    source, cfg, backbone, device = setup(args, configure)
     out = args.out or default_out(source, out_name)
     os.makedirs(out, exist_ok=True)
     data = labelled_data(cfg, out)

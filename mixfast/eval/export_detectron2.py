@@ -83,6 +83,10 @@ def main(argv=None) -> str:
         source = common.resolve_source(args.source)
     except common.SourceError as err:
         raise SystemExit(f"mixfast: {err}") from None
+    if common.VIT_KEY in source.state_dict:
+        raise SystemExit(f"mixfast: {source.weights}: a ViT backbone ('{common.VIT_KEY}'); this command writes "
+                         f"Detectron2's ResNet names only (a ViT's timm-format weights are the run's "
+                         f"{common.EXPORT_NAME} as they are)")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise SystemExit(f"mixfast: output directory {out_dir} does not exist")

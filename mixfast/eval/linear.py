@@ -14,7 +14,10 @@ Protocols (every value overridable by its flag):
   CIFAR augmentation, RandomCrop(32, padding 4) + flip; val: the image as is.
 
 The classifier is ``nn.Linear(feature_dim, classes)`` with weights N(0, 0.01) and zero bias
-(as in MoCo), trained on the pooled, unnormalized features. The flip follows the run's
+(as in MoCo), trained on the pooled, unnormalized features. ``--feature-bn`` (the default for
+ViTs, as MAE's ``main_linprobe.py``) puts ``BatchNorm1d(feature_dim, affine=False, eps=1e-6)``
+before it: the features are standardized by batch statistics in training and by their running
+averages at evaluation; ResNets keep the plain linear layer (``--no-feature-bn``). The flip follows the run's
 ``data.hflip`` (off for digits). ``--augment none`` trains on the val transform; the features
 are then the same every epoch and are computed once (``--precompute auto``), which makes
 small probes fast. The classifier, optimizer and epoch are saved every epoch in
@@ -35,6 +38,7 @@ from torch import nn
 
 from mixfast.engine.logging import info
 from mixfast.eval import common
+from mixfast.models import is_vit
 
 PROTOCOLS = {
     "imagenet": {"epochs": 100, "lr": 30.0, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 256,
@@ -55,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--augment", choices=common.AUGMENTS, default=None,
                         help="train transform: rrc (RandomResizedCrop+flip), crop (RandomCrop pad+flip), none")
+    parser.add_argument("--feature-bn", action=argparse.BooleanOptionalAction, default=None,
+                        help="BatchNorm1d without affine before the linear layer (MAE's linear probe; default: on "
+                             "for ViTs, off for ResNets)")
     parser.add_argument("--precompute", choices=["auto", "on", "off"], default="auto",
                         help="compute frozen features once (needs --augment none; auto = whenever it is none)")
     common.add_loop_args(parser)
@@ -71,10 +78,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def hyper_parameters(args) -> dict:
-    """The settings a resumed run must share with the saved one."""
+    """The settings a resumed run must share with the saved one (``feature_bn`` only when on, so
+    that the states saved before it existed still resume)."""
     keys = ("protocol", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule", "milestones", "gamma",
             "augment", "hflip", "seed")
-    return {k: getattr(args, k) for k in keys}
+    hyper = {k: getattr(args, k) for k in keys}
+    if getattr(args, "feature_bn", False):
+        hyper["feature_bn"] = True
+    return hyper
+
+
+def probe_head(feature_dim: int, num_classes: int, feature_bn: bool) -> nn.Module:
+    """The linear classifier (``common.linear_classifier``), after ``BatchNorm1d(affine=False,
+    eps=1e-6)`` with ``feature_bn`` (MAE's linear probe: ``Sequential(BatchNorm1d, head)``)."""
+    linear = common.linear_classifier(feature_dim, num_classes)
+    if not feature_bn:
+        return linear
+    return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6), linear)
 
 
 def build_optimizer(classifier: nn.Module, args) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -144,12 +164,15 @@ class ProbeInputs:
 
 def build_trainee(run: common.EvalRun, args: argparse.Namespace) -> common.Trainee:
     """Freeze the backbone (BatchNorm in eval mode, no gradients) and build the classifier (seeded
-    by ``--seed``) with its optimizer and schedule."""
+    by ``--seed``; ``--feature-bn`` decided by the architecture when not given) with its optimizer
+    and schedule."""
     run.backbone.eval()
     for p in run.backbone.parameters():
         p.requires_grad_(False)
+    if args.feature_bn is None:
+        args.feature_bn = is_vit(run.cfg.model.arch)
     torch.manual_seed(args.seed)
-    classifier = common.linear_classifier(run.backbone.feature_dim, run.data.num_classes).to(run.device)
+    classifier = probe_head(run.backbone.feature_dim, run.data.num_classes, args.feature_bn).to(run.device)
     return common.Trainee("classifier", classifier, *build_optimizer(classifier, args))
 
 
@@ -159,7 +182,8 @@ def announce(args: argparse.Namespace, run: common.EvalRun, precompute: bool) ->
     info(f"linear probe ({args.protocol}) of {run.source.weights} on {run.cfg.data.name}: {len(data.train)} train / "
          f"{len(data.test)} val images, {data.num_classes} classes, feature dim {run.backbone.feature_dim}, "
          f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr} ({args.schedule} {args.milestones}), "
-         f"augment {args.augment}{' (features precomputed)' if precompute else ''} -> {run.out}")
+         f"augment {args.augment}{', feature BatchNorm' if args.feature_bn else ''}"
+         f"{' (features precomputed)' if precompute else ''} -> {run.out}")
 
 
 def train_one_epoch(trainee: common.Trainee, inputs: ProbeInputs, args: argparse.Namespace,
@@ -179,7 +203,8 @@ def train_one_epoch(trainee: common.Trainee, inputs: ProbeInputs, args: argparse
 
 
 def evaluate(trainee: common.Trainee, inputs: ProbeInputs) -> dict:
-    """The classifier's accuracy and loss on the val split."""
+    """The classifier's accuracy and loss on the val split (its feature BatchNorm, if any, on running statistics)."""
+    trainee.module.eval()
     logits = functools.partial(inputs.logits, trainee.module)
     return common.accuracy_over(logits, inputs.val_batches(), inputs.run.data.num_classes, inputs.run.device)
 
@@ -191,7 +216,8 @@ def report(args: argparse.Namespace, run: common.EvalRun, loop: common.EpochLoop
     info(f"images: train {common.counts_text(images['train'])}; val {common.counts_text(images['test'])}")
     metrics = {**common.base_record("linear", run.source, run.cfg, run.data, images), "protocol": args.protocol,
                "top1": result["top1"], "top5": result.get("top5"), "val_loss": result["loss"],
-               "hyperparameters": loop.hyper, "precomputed_features": precompute, "epochs_run": len(loop.history),
+               "hyperparameters": loop.hyper, "feature_bn": bool(args.feature_bn), "precomputed_features": precompute,
+               "epochs_run": len(loop.history),
                "wall_s": time.perf_counter() - t_start}
     return common.write_report(run.out, "linear", metrics, loop.trainee.module.state_dict(), "linear_classifier.pth",
                                "linear")

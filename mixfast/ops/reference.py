@@ -710,7 +710,7 @@ def soft_infonce(
     return lse - s
 
 
-def check_occlude_args(x, masks) -> None:
+def check_occlude_args(x, masks, fill=None) -> None:
     check_image_batch("occlude", x)
     if not isinstance(masks, torch.Tensor) or masks.dim() != 4 or not masks.is_floating_point():
         raise ValueError(f"occlude: masks must be a float tensor [B, N, H, W], got {_describe(masks)}")
@@ -718,11 +718,268 @@ def check_occlude_args(x, masks) -> None:
         raise ValueError(f"occlude: masks {tuple(masks.shape)} must be [B, N, H, W] for images {tuple(x.shape)}")
     if masks.device != x.device:
         raise ValueError(f"occlude: masks are on {masks.device}, images on {x.device}")
+    if fill is not None:
+        if not isinstance(fill, torch.Tensor) or fill.shape != (x.size(1),) or not fill.is_floating_point():
+            raise ValueError(f"occlude: fill must be a float tensor [C] = [{x.size(1)}] (one value per channel), "
+                             f"got {_describe(fill)}")
+        if fill.device != x.device:
+            raise ValueError(f"occlude: fill is on {fill.device}, images on {x.device}")
 
 
-def occlude(x: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """The N occluded copies of a batch: out[k, b] = x[b] * (1 - masks[b, k]) (1 = removed).
+def occlude(x: torch.Tensor, masks: torch.Tensor, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The N occluded copies of a batch: out[k, b] = x[b] * (1 - masks[b, k]) + fill * masks[b, k]
+    (1 = removed; fill [C] per channel, None = 0).
 
     x [B, C, H, W], masks [B, N, H, W] in [0, 1] -> [N, B, C, H, W] in x's dtype; one copy per mask."""
-    check_occlude_args(x, masks)
-    return torch.stack([x * (1 - masks[:, k:k + 1]).to(x.dtype) for k in range(masks.size(1))])
+    check_occlude_args(x, masks, fill)
+    copies = []
+    for k in range(masks.size(1)):
+        copy = x * (1 - masks[:, k:k + 1]).to(x.dtype)
+        if fill is not None:
+            copy = copy + fill.to(x.dtype).view(1, -1, 1, 1) * masks[:, k:k + 1].to(x.dtype)
+        copies.append(copy)
+    return torch.stack(copies)
+
+
+# ---------------------------------------------------------------------------------------
+# MixedAE: group mixing ("compose") and homologous TopK attention
+# ---------------------------------------------------------------------------------------
+#
+# Fast ops: mixfast/ops/group_mix.py (group_cell_map, group_mix), mixfast/ops/topk_attention.py.
+
+__all__ += [
+    "group_cell_map",
+    "group_mix",
+    "topk_mask",
+    "topk_attention",
+    "topk_accuracy",
+    "check_group_cell_map_args",
+    "check_group_mix_args",
+    "check_topk_attention_args",
+    "check_segment_ids",
+]
+
+# Third Philox counter word of the MixedAE group cell maps (MixMask masks use 0 = block, 1 = discrete), so that a
+# cell map and a MixMask mask of the same (seed, step) never share a random word.
+GROUP_MAP_STREAM = 2
+
+
+def check_group_cell_map_args(num_groups, group_size, cells_side, seed, step) -> None:
+    """Argument checks of :func:`group_cell_map` (shared with the fast op)."""
+    if not _is_int(num_groups) or num_groups < 1:
+        raise ValueError(f"group_cell_map: num_groups must be an int >= 1, got num_groups={num_groups!r}")
+    if not _is_int(cells_side) or cells_side < 1:
+        raise ValueError(f"group_cell_map: cells_side must be an int >= 1, got cells_side={cells_side!r}")
+    if not _is_int(group_size) or not (1 <= group_size <= cells_side * cells_side):
+        raise ValueError(f"group_cell_map: group_size must be an int in [1, cells_side^2 = {cells_side * cells_side}] "
+                         f"(every image of a group gets at least one cell), got group_size={group_size!r}")
+    if not _is_int(seed):
+        raise TypeError(f"group_cell_map: seed must be an int, got seed={seed!r}")
+    if not _is_int(step):
+        raise TypeError(f"group_cell_map: step must be an int, got step={step!r}")
+
+
+def _group_words(key: Tuple[int, int], group: int, count: int) -> List[int]:
+    """The first ``count`` random words of group ``group``: word ``t`` is word ``t % 4`` of the Philox draw
+    ``(t // 4, group, GROUP_MAP_STREAM, 0)``."""
+    words: List[int] = []
+    for draw in range((count + 3) // 4):
+        words.extend(philox4x32_10(draw, group, GROUP_MAP_STREAM, 0, key[0], key[1]))
+    return words[:count]
+
+
+def group_cell_map(num_groups: int, group_size: int, cells_side: int, *, seed: int, step: int) -> torch.Tensor:
+    """MixedAE's balanced assignment of mask cells to the images of each group ("compose" mixing).
+
+    Returns a CPU int64 tensor ``[num_groups, cells_side, cells_side]``: entry ``(g, r, c)`` is the index
+    ``i in [0, group_size)`` of the image of group ``g`` whose pixels fill cell ``(r, c)`` of the mixed sample.
+    With ``n = cells_side^2`` cells, every image gets ``n // group_size`` cells and ``n % group_size`` randomly chosen
+    images one more (49 cells over 4 images: 12/12/12/13), so per-group counts differ by at most one.
+
+    Randomness: Philox4x32-10 keyed by :func:`mask_key` ``(seed, step)``; group ``g`` reads its words
+    ``w_0, w_1, ...`` in order from the draws ``(t, g, 2, 0)``, ``t = 0, 1, ...`` (four words per draw). A 64-bit key
+    is two consecutive words ``(w_2j << 32) | w_2j+1``:
+
+    * image order: images sorted by the keys ``j = 0 .. group_size-1`` (ties by index) -- a random permutation
+      ``order``; the images ``order[0 .. n % group_size - 1]`` are the ones with an extra cell;
+    * labels: ``label_c = order[c mod group_size]`` for ``c = 0 .. n-1``;
+    * cells: the cells (row-major index ``c``) sorted by the keys ``j = group_size + c`` (ties by index); the
+      ``c``-th cell in that order gets ``label_c``.
+
+    A deterministic pure function of its arguments: every rank and every backend computes the same map without
+    communication, group ``g`` does not depend on ``num_groups``, and no global RNG is touched.
+    """
+    check_group_cell_map_args(num_groups, group_size, cells_side, seed, step)
+    key = mask_key(seed, step)
+    n = cells_side * cells_side
+    out = torch.empty((num_groups, n), dtype=torch.int64)
+    for g in range(num_groups):
+        w = _group_words(key, g, 2 * (group_size + n))
+        keys = [(w[2 * j] << 32) | w[2 * j + 1] for j in range(group_size + n)]
+        order = sorted(range(group_size), key=lambda i: (keys[i], i))
+        cells = sorted(range(n), key=lambda c: (keys[group_size + c], c))
+        row = [0] * n
+        for rank, cell in enumerate(cells):
+            row[cell] = order[rank % group_size]
+        out[g] = torch.tensor(row, dtype=torch.int64)
+    return out.view(num_groups, cells_side, cells_side)
+
+
+def check_group_mix_args(x, cell_map, token_patch, group_size=None, check_values: bool = True) -> Tuple[int, int]:
+    """Argument checks of :func:`group_mix` (shared with the fast op); returns ``(num_groups, group_size)``.
+    ``check_values=False`` skips the range check of the cell map's entries (it reads the map on the host)."""
+    op = "group_mix"
+    check_image_batch(op, x)
+    B, C, H, W = x.shape
+    if not isinstance(cell_map, torch.Tensor) or cell_map.dtype != torch.long or cell_map.dim() != 3 \
+            or cell_map.shape[1] != cell_map.shape[2] or cell_map.shape[0] < 1 or cell_map.shape[1] < 1:
+        raise ValueError(f"{op}: cell_map must be an int64 tensor [G, cells_side, cells_side], got {_describe(cell_map)}")
+    if cell_map.device.type != "cpu" and cell_map.device != x.device:
+        raise ValueError(f"{op}: cell_map must be on the CPU or on x's device {x.device}, got {cell_map.device}")
+    G, cs = cell_map.shape[0], cell_map.shape[1]
+    if group_size is None:
+        if B % G:
+            raise ValueError(f"{op}: the batch of x ({B}) must be a multiple of the number of groups in cell_map ({G})")
+        group_size = B // G
+    elif not _is_int(group_size) or group_size < 1:
+        raise ValueError(f"{op}: group_size must be an int >= 1, got group_size={group_size!r}")
+    if B != G * group_size:
+        raise ValueError(f"{op}: the batch of x ({B}) must be num_groups * group_size = {G} * {group_size} "
+                         f"(cell_map has {G} groups)")
+    if H % cs or W % cs:
+        raise ValueError(f"{op}: x's height and width ({H}, {W}) must be multiples of the cell_map's side {cs}")
+    if not _is_int(token_patch) or token_patch < 1 or (H // cs) % token_patch or (W // cs) % token_patch:
+        raise ValueError(f"{op}: token_patch must be an int >= 1 that divides the cell size "
+                         f"({H // cs} x {W // cs} pixels), got token_patch={token_patch!r}")
+    if check_values and cell_map.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(cell_map.min()), int(cell_map.max())
+        if lo < 0 or hi >= group_size:
+            raise ValueError(f"{op}: cell_map entries must lie in [0, group_size={group_size}), got range [{lo}, {hi}]")
+    return G, group_size
+
+
+def group_mix(x: torch.Tensor, cell_map: torch.Tensor, token_patch: int,
+              group_size: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MixedAE "compose" mixing (the appendix's Eq. A1, ``sum_i 1(M = i) X_i``): one mixed image per group.
+
+    ``x [G * group_size, C, H, W]`` holds the groups one after the other (group ``g`` = images ``g * group_size ..
+    g * group_size + group_size - 1``); ``cell_map [G, s, s]`` (int64, see :func:`group_cell_map`) names for every
+    cell of an ``s x s`` grid the image of the group it is taken from. ``group_size`` defaults to ``B // G``.
+
+    Returns ``(mixed, segment_ids)``:
+
+    * ``mixed [G, C, H, W]`` in x's dtype and memory format: every pixel of cell ``(r, c)`` (rows
+      ``r*H/s .. (r+1)*H/s - 1``, columns likewise) is the same pixel of ``x[g * group_size + cell_map[g, r, c]]``;
+      differentiable in ``x`` (the gradient of a source pixel is the output gradient where it was chosen, else 0);
+    * ``segment_ids [G, L]`` (int64, on x's device), ``L = (H / p) (W / p)`` tokens of ``p = token_patch`` pixels per
+      side in row-major order: the source image of each token, i.e. the cell map upsampled to token resolution (each
+      cell covers ``(H/s)/p x (W/s)/p`` tokens). No CLS entry: a caller with a CLS token prepends its own id.
+    """
+    G, gs = check_group_mix_args(x, cell_map, token_patch, group_size)
+    B, C, H, W = x.shape
+    cs = cell_map.shape[1]
+    ch, cw = H // cs, W // cs
+    cmap = cell_map.cpu()
+    out = torch.empty((G, C, H, W), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    for g in range(G):
+        for r in range(cs):
+            for c in range(cs):
+                src = g * gs + int(cmap[g, r, c])
+                out[g, :, r * ch:(r + 1) * ch, c * cw:(c + 1) * cw] = x[src, :, r * ch:(r + 1) * ch, c * cw:(c + 1) * cw]
+    ht, wt = H // token_patch, W // token_patch
+    ty = torch.arange(ht) * token_patch // ch  # cell row of each token row
+    tx = torch.arange(wt) * token_patch // cw
+    seg = cmap[:, ty[:, None], tx[None, :]].reshape(G, ht * wt)
+    return out, seg.to(x.device)
+
+
+def check_topk_attention_args(q, k, v, topk, global_rows, op: str = "topk_attention") -> None:
+    """Argument checks of :func:`topk_attention` (shared with the fast op): q ``[B, H, Lq, d]``, k and v
+    ``[B, H, Lk, d]``, one floating dtype and device; ``1 <= topk <= Lk``; ``0 <= global_rows <= Lq``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"{op}: {name} must be a 4-D floating tensor [B, H, L, d], got {_describe(t)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{op}: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"{op}: q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    B, H, Lq, d = q.shape
+    if k.shape[:2] != (B, H) or k.shape[3] != d:
+        raise ValueError(f"{op}: k must be [B={B}, H={H}, Lk, d={d}] for q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    Lk = k.shape[2]
+    if Lk < 1 or Lq < 1:
+        raise ValueError(f"{op}: q and k need at least one token, got Lq={Lq}, Lk={Lk}")
+    if not _is_int(topk) or not (1 <= topk <= Lk):
+        raise ValueError(f"{op}: topk must be an int in [1, Lk={Lk}], got topk={topk!r}")
+    if not _is_int(global_rows) or not (0 <= global_rows <= Lq):
+        raise ValueError(f"{op}: global_rows must be an int in [0, Lq={Lq}], got global_rows={global_rows!r}")
+
+
+def _attention_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _topk_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q k^T / sqrt(d)`` in float32 (float64 for float64 inputs): [B, H, Lq, Lk]."""
+    acc = _attention_acc_dtype(q.dtype)
+    return torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+
+
+def topk_mask(q: torch.Tensor, k: torch.Tensor, topk: int, global_rows: int = 1) -> torch.Tensor:
+    """The keys each query row of homologous attention keeps: bool ``[B, H, Lq, Lk]``.
+
+    Rows ``0 .. global_rows-1`` (the CLS row) keep every key; every other row keeps exactly ``topk`` keys, those with
+    the largest scores ``q k^T / sqrt(d)`` (float32; float64 for float64 inputs) as ``torch.topk`` picks them (among
+    keys tied with the ``topk``-th score, topk's choice)."""
+    check_topk_attention_args(q, k, k, topk, global_rows, op="topk_mask")
+    s = _topk_scores(q, k)
+    idx = torch.topk(s, topk, dim=-1).indices
+    mask = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, idx, True)
+    mask[:, :, :global_rows] = True
+    return mask
+
+
+def topk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: int, global_rows: int = 1) -> torch.Tensor:
+    """MixedAE's homologous attention: each query row attends only to its ``topk`` highest-scoring keys.
+
+    ``q [B, H, Lq, d]``, ``k, v [B, H, Lk, d]``; with ``s = q k^T / sqrt(d)`` and ``keep = topk_mask(...)``::
+
+        out[b, h, i] = sum_j softmax_j( s[b, h, i, j] if keep[b, h, i, j] else -inf ) v[b, h, j]
+
+    i.e. softmax over the kept keys only, then @V; rows ``< global_rows`` (the CLS row) attend to every key, and with
+    ``topk = Lk`` this is plain scaled dot-product attention. Computed in float32 (float64 for float64 inputs), the
+    result in q's dtype; differentiable in q, k and v (the selection itself carries no gradient). Materializes the
+    ``[B, H, Lq, Lk]`` scores: the specification, not the fast path.
+    """
+    check_topk_attention_args(q, k, v, topk, global_rows)
+    s = _topk_scores(q, k)
+    keep = topk_mask(q.detach(), k.detach(), topk, global_rows)
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+    return torch.matmul(p, v.to(p.dtype)).to(q.dtype)
+
+
+def check_segment_ids(segment_ids, q, op: str = "topk_accuracy") -> None:
+    B, Lq = q.shape[0], q.shape[2]
+    if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype != torch.long or segment_ids.shape != (B, Lq):
+        raise ValueError(f"{op}: segment_ids must be an int64 tensor [B={B}, L={Lq}], got {_describe(segment_ids)}")
+    if segment_ids.device != q.device:
+        raise ValueError(f"{op}: segment_ids must be on q's device {q.device}, got {segment_ids.device}")
+
+
+def topk_accuracy(q: torch.Tensor, k: torch.Tensor, segment_ids: torch.Tensor, topk: int,
+                  global_rows: int = 1) -> torch.Tensor:
+    """MixedAE's "TopK accuracy": among the keys kept by the rows ``>= global_rows`` (all heads, all samples), the
+    share whose segment id equals the query row's. Self-attention: ``segment_ids [B, L]`` (int64) labels both the
+    query rows and the keys, so ``Lq = Lk``; a CLS token carries an id of its own (e.g. -1) and so never matches a
+    patch. Returns a float32 scalar tensor (no gradient); NaN when no row is counted (``global_rows = L``)."""
+    check_topk_attention_args(q, k, k, topk, global_rows, op="topk_accuracy")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"topk_accuracy: needs self-attention (Lq == Lk), got Lq={q.shape[2]}, Lk={k.shape[2]}")
+    check_segment_ids(segment_ids, q)
+    with torch.no_grad():
+        keep = topk_mask(q, k, topk, global_rows)[:, :, global_rows:]  # [B, H, Lq - g, Lk]
+        same = segment_ids[:, global_rows:, None] == segment_ids[:, None, :]  # [B, Lq - g, Lk]
+        hits = (keep & same[:, None]).sum(dtype=torch.float64)
+        return (hits / keep.sum(dtype=torch.float64)).to(torch.float32)
