@@ -24,7 +24,8 @@
 #                  embeddings and the queue is fp32, also under bf16 autocast)
 #   bench-compile  bench_train.py rows (d), (f) and (g): torch.compile of ResNet-50 takes minutes, so it runs last,
 #                  in its own invocation, and its ratios come from that run
-#   tests-adios    gpu-marked step-sync tests of the adversarial-masking methods (ADIOS, sequential, MoCo ADIOS-s)
+#   tests-adios    the step-sync tests of the adversarial-masking and autoencoder methods (ADIOS, sequential, MoCo
+#                  ADIOS-s, MAE, MixedAE) on the GPU
 #   bench-adios    bench_train.py rows (a)-(c) and (g) for SimCLR + ADIOS and SimCLR + sequential masking at the
 #                  ImageNet-100-S sizes (B=128, 96², ResNet-18), and bench_occlude.py on the GPU
 #   tests-mixedae  the TopK attention and group-mixing op tests (on the GPU: CUDA, FlexAttention, Triton) and test_mae
@@ -171,7 +172,7 @@ else
   TOPK_ARGS="--device cpu --shapes demo --batch 2 --reps 2 --no-memory"
 fi
 if [[ $MODE == gpu ]]; then
-  stage tests-adios 120 "$PYTEST -m gpu tests/test_sync_free.py -k 'adios or sequential'"
+  stage tests-adios 150 "$PYTEST tests/test_sync_free.py -k 'adios or sequential or mae or mixedae'"
 fi
 stage bench-adios 200 "for c in in100s_simclr_adios in100s_simclr_sequential; do $PY benchmarks/bench_train.py --config configs/\$c.json --rows papers,bf16,channels_last,supervised $ADIOS_SIZES --results-file $RUN_DIR/train-\$c-$TAG.json || exit 1; done; $PY benchmarks/bench_occlude.py $OCCLUDE_ARGS --results-file $RUN_DIR/occlude-$TAG.json"
 if [[ $MODE == gpu ]]; then  # on a CPU these files run in the ordinary suite

@@ -53,8 +53,11 @@ def _bind(launch: Launch, arch: int):
     backend = make_backend(target)
     kwargs = dict(launch.kwargs)
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    # compile options that exist only in some Triton versions (3.9 here, 3.6 on the GPU machine): passed as
+    # JITFunction.run passes them, where this Triton has them
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*launch.args, **kwargs)
     return fn, target, backend, kwargs, bound_args, specialization, options

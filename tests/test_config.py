@@ -137,7 +137,7 @@ def test_unknown_nested_key_names_full_path_allowed_keys_and_suggestion(tmp_path
 
 
 def test_unknown_top_level_key_lists_sections(tmp_path):
-    with pytest.raises(ConfigError, match=r"optimizer: unknown key; allowed keys: model, method, mixing, masker, data, optim"):
+    with pytest.raises(ConfigError, match=r"optimizer: unknown key; allowed keys: model, method, mixing, masker, mae, mixedae, data, optim"):
         load_config(write_config(tmp_path, synthetic(optimizer={})))
 
 

@@ -52,6 +52,16 @@ def _make_vit_run(root: Path, seed: int = 0) -> tuple[Path, dict]:
     return root, state
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tensors are tiny, and on a busy 2-core machine a second OpenMP
+    thread makes the fine-tunes 10-50x slower (spin-waiting), not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory) -> Path:
     return _make_vit_run(tmp_path_factory.mktemp("evalvit") / "run")[0]

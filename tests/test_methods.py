@@ -274,7 +274,7 @@ def test_each_method_checks_its_own_config_rules():
     linear = _cfg("moco", method={"version": 1})
     linear.model.head = "linear"
     check_config(linear)  # the same config with the head MoCo v1 needs passes
-    with pytest.raises(ConfigError, match=r"method.name='nope'.*registered: byol, byol_adios, mixsiam, moco"):
+    with pytest.raises(ConfigError, match=r"method.name='nope'.*registered: byol, byol_adios, mae, mixedae, mixsiam, moco"):
         check_config(_cfg("nope"))
 
 
@@ -301,7 +301,7 @@ def test_ema_update_formula():
 
 
 def test_every_framework_is_registered():
-    assert registered() == ["byol", "byol_adios", "mixsiam", "moco", "moco_adios", "simclr", "simclr_adios", "simsiam",
+    assert registered() == ["byol", "byol_adios", "mae", "mixedae", "mixsiam", "moco", "moco_adios", "simclr", "simclr_adios", "simsiam",
                             "simsiam_adios"]
 
 

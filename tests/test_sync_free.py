@@ -119,8 +119,10 @@ def _step_syncs(config: str, *overrides: str) -> dict:
     ("demo_sequential.json", ("train.precision=bf16", "model.channels_last=true")),
     ("demo_adios.json", ("method.name=moco_adios", "model.head=mlp", "method.queue_size=64", "masker.kind=adios_s",
                          "model.bn_splits=4")),
+    ("demo_mae.json", ("train.precision=bf16",)),
+    ("demo_mixedae.json", ("train.precision=bf16",)),               # group mixing, TopK attention + accuracy
 ], ids=["moco-mixmask-unmix", "moco-fused-bf16-channels-last", "moco-mixmask", "simclr", "byol", "simsiam", "mixsiam",
-        "simclr-adios", "simclr-sequential-bf16-channels-last", "moco-adios-s"])
+        "simclr-adios", "simclr-sequential-bf16-channels-last", "moco-adios-s", "mae-bf16", "mixedae-bf16"])
 def test_a_training_step_makes_no_host_sync_and_the_log_read_makes_one(config, overrides):
     got = _step_syncs(config, *overrides)
     unexpected = {place: n for place, n in got["step_places"].items() if not any(k in place for k in HOST_RESIDENT)}
