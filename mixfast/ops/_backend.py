@@ -11,6 +11,8 @@ silently get another one.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -27,6 +29,16 @@ def requested_backend() -> str:
     if name not in BACKENDS:
         raise ValueError(f"MIXFAST_BACKEND={name!r} is not one of {', '.join(BACKENDS)}")
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def optional_module(name: str):
+    """The module `name` once imported, or None when it cannot be imported (Triton kernels without Triton,
+    FlexAttention in an older torch)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ step traces through the autograd.Function without graph breaks.
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional, Tuple
 
 import torch
@@ -79,17 +78,9 @@ class _Chunked:
     grads = staticmethod(infonce_chunked.grads)
 
 
-_TRITON = None  # the kernels.infonce module once imported, False if Triton is missing
-
-
 def _triton():
-    global _TRITON
-    if _TRITON is None:
-        try:
-            _TRITON = importlib.import_module("kernels.infonce")
-        except ImportError:
-            _TRITON = False
-    return _TRITON or None
+    """kernels.infonce, or None if Triton is missing."""
+    return _backend.optional_module("kernels.infonce")
 
 
 class _NativeCuda:

@@ -48,7 +48,6 @@ from the query's own source image), computed in the same row chunks.
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
 from typing import Iterator, Tuple
@@ -57,7 +56,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mixfast.ops import _backend, reference
-from mixfast.ops._backend import BackendUnavailable
+from mixfast.ops._backend import BackendUnavailable, optional_module
 from mixfast.ops.reference import check_segment_ids, check_topk_attention_args
 
 __all__ = ["topk_attention", "topk_accuracy", "row_thresholds", "backend_for", "available_backends", "BACKENDS"]
@@ -189,18 +188,12 @@ def _chunked_backward(q, k, v, thr, dout, scale: float, need_q: bool, need_k: bo
 # flex and triton forwards
 # ---------------------------------------------------------------------------------------------------------------
 
-_FLEX_MODULE = None  # torch.nn.attention.flex_attention once imported, False if absent
 _FLEX_COMPILED = {}  # device type -> compiled callable, or None once compiling failed there
 
 
 def _flex_module():
-    global _FLEX_MODULE
-    if _FLEX_MODULE is None:
-        try:
-            _FLEX_MODULE = importlib.import_module("torch.nn.attention.flex_attention")
-        except ImportError:
-            _FLEX_MODULE = False
-    return _FLEX_MODULE or None
+    """torch.nn.attention.flex_attention, or None in a torch without it."""
+    return optional_module("torch.nn.attention.flex_attention")
 
 
 def _flex_threshold_attention(q, k, v, thr, scale):
@@ -241,17 +234,9 @@ def _flex_forward(q, k, v, thr, scale):
         return _flex_eager(q, k, v, thr, scale)
 
 
-_TRITON = None  # kernels.topk_attention once imported, False if Triton is missing
-
-
 def _triton():
-    global _TRITON
-    if _TRITON is None:
-        try:
-            _TRITON = importlib.import_module("kernels.topk_attention")
-        except ImportError:
-            _TRITON = False
-    return _TRITON or None
+    """kernels.topk_attention, or None if Triton is missing."""
+    return optional_module("kernels.topk_attention")
 
 
 def _triton_forward(q, k, v, thr, scale):
