@@ -95,31 +95,24 @@ def homocon_loss(tokens: torch.Tensor, segment: torch.Tensor, temperature: float
 
 class MaskedAutoencoder(nn.Module):
     """What DeepSpeed trains: the ViT encoder (`backbone`, read by the kNN monitor and exported) and
-    the MAE decoder (`head`). `forward(img, noise)` is MAE's; `forward(mixed, segment, attn_fn)` MixedAE's
+    the MAE decoder (`head`). `forward(img, generator)` is MAE's; `forward(mixed, segment, attn_fn)` MixedAE's
     (dispatched on `mixed`, fixed at construction)."""
 
-    def __init__(self, backbone: VisionTransformer, decoder: MAEDecoder, mixed: bool = False, removed: int = 0,
-                 group_size: int = 4):
+    def __init__(self, backbone: VisionTransformer, decoder: MAEDecoder, mixed: bool = False,
+                 mask_ratio: float = 0.75, group_size: int = 4):
         super().__init__()
         self.backbone, self.head, self.mixed = backbone, decoder, mixed
-        self.removed, self.group_size = removed, group_size  # MAE: tokens removed per image; MixedAE: sources
+        self.mask_ratio, self.group_size = mask_ratio, group_size  # MAE's share of removed tokens; MixedAE's sources
 
-    def forward(self, img: torch.Tensor, aux: torch.Tensor, attn_fn=None, segment_embed: bool = True):
+    def forward(self, img: torch.Tensor, aux, attn_fn=None, segment_embed: bool = True):
         if self.mixed:
             return self._forward_mixed(img, aux, attn_fn, segment_embed)
         return self._forward_mae(img, aux)
 
-    def _forward_mae(self, img: torch.Tensor, noise: torch.Tensor):
-        """noise [B, L]: the lowest int(L * (1 - ratio)) are kept (MAE's argsort masking).
-        Returns (pred [B, L, p*p*C], removed [B, L])."""
-        tokens = self.backbone.patch_tokens(img)
-        b, n, d = tokens.shape
-        keep = n - self.removed
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        kept = torch.gather(tokens, 1, ids_shuffle[:, :keep, None].expand(-1, -1, d))
-        removed = (ids_restore >= keep).to(torch.float32)
-        latent = self.backbone.forward_features(kept)
+    def _forward_mae(self, img: torch.Tensor, generator: torch.Generator):
+        """MAE's argsort masking with noise from `generator` (kept: the int(L * (1 - ratio)) lowest).
+        Returns (pred [B, L, p*p*C], removed [B, L], 1 = removed)."""
+        latent, removed, ids_restore = self.backbone.forward_masked(img, self.mask_ratio, generator)
         return self.head(latent, ids_restore), removed
 
     def _forward_mixed(self, mixed: torch.Tensor, segment: torch.Tensor, attn_fn, segment_embed: bool):
@@ -138,10 +131,8 @@ def build_autoencoder(cfg: RunConfig) -> MaskedAutoencoder:
     mc, size = cfg.model, cfg.data.image_size
     backbone = build_vit(mc.arch, img_size=size, pool=mc.pool)
     decoder = build_mae_decoder(mc.arch, img_size=size)
-    mixed = cfg.method.name == "mixedae"
-    # MAE keeps int(L * (1 - ratio)) tokens
-    removed = 0 if mixed else backbone.num_patches - int(backbone.num_patches * (1 - cfg.mae.mask_ratio))
-    return MaskedAutoencoder(backbone, decoder, mixed, removed, cfg.mixedae.group_size)
+    return MaskedAutoencoder(backbone, decoder, cfg.method.name == "mixedae", cfg.mae.mask_ratio,
+                             cfg.mixedae.group_size)
 
 
 # --- the methods ------------------------------------------------------------------------------------
@@ -153,9 +144,8 @@ class MAE(Method):
         module = engine.module
         p = module.backbone.patch_size
         gen = step_generator(self.cfg.train.seed, self.rank, STREAM_MAE_MASK, step, device=x1.device)
-        noise = torch.rand(x1.size(0), module.backbone.num_patches, generator=gen, device=x1.device)
         with self.autocast(x1.device.type):
-            pred, removed = engine(x1, noise)
+            pred, removed = engine(x1, gen)
         target = pixel_target(x1, p, self.cfg.mae.norm_pix_loss)
         loss = reconstruction_loss(pred, target, removed)
         backward(loss, True)
