@@ -44,6 +44,7 @@ from mixfast.config import ConfigError, RunConfig, config_from_dict, dump_config
 from mixfast.data import EvalDataset, build_datasets, collate_eval, eval_transform, normalize
 from mixfast.data.loader import EvalLoader
 from mixfast.engine.checkpoint import CHECKPOINTS, MODEL_STATES, STEP_TAG, latest_complete_tag
+from mixfast.engine import schedule
 from mixfast.engine.logging import info
 from mixfast.models import VIT_ARCHS, build_backbone, is_vit
 
@@ -545,10 +546,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, schedule: str
 def warmup_cosine(epoch: float, epochs: float, warmup_epochs: float, lr: float, min_lr: float) -> float:
     """MAE's fine-tuning lr (``util/lr_sched.py``) at the fractional ``epoch`` (epoch + step/steps):
     linear from 0 over the warm-up epochs, then half a cosine from ``lr`` to ``min_lr``."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+    return schedule.warmup_cosine(epoch, epochs, warmup_epochs, lr, 0.0, min_lr)
 
 
 class WarmupCosine:
