@@ -65,6 +65,9 @@ def launch(script: Path, args: list[str], ranks: int) -> subprocess.CompletedPro
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}")
+    # DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank unless init_distributed unlinks it
+    leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not leaked, f"shared-memory buffers left behind: {leaked}"
     return proc
 
 

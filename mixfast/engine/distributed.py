@@ -33,11 +33,35 @@ def init_distributed() -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         atexit.register(shutdown_distributed)
+        _unlink_shm_allreduce_buffer()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+SHM_DIR = "/dev/shm"
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped it.
+
+    On the CPU accelerator `deepspeed.init_distributed` gives each rank a 66 MB shared-memory
+    file, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, maps the
+    other ranks' files, and never unlinks them: every multi-rank CPU run left 132 MB in /dev/shm
+    (a RAM-backed tmpfs) for good. After the barrier all ranks hold their mappings, which stay
+    valid after the unlink, so the memory is freed when the last process exits, crash or not.
+    """
+    if torch.cuda.is_available() or world_size() < 2:
+        return
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank())
+    dist.barrier()
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:  # a DeepSpeed without the shm all-reduce, or one that cleans up itself
+        pass
 
 
 def shutdown_distributed() -> None:
