@@ -269,3 +269,19 @@ def test_train_loader_resumes_mid_epoch():
     full = indices(0)
     assert len(full) == 3  # 12 samples per rank, 4 per batch
     assert indices(4) == full[1:]
+
+
+@pytest.mark.parametrize("recipe", ["cifar", "mocov2", "mae"])
+def test_seeded_views_are_those_of_torch_manual_seed_and_leave_the_global_rng_alone(recipe):
+    # The kill/resume guarantee rests on these draws: seeding only the CPU generator (fast) must
+    # give exactly the views that torch.manual_seed(seed) gave, whatever the global state.
+    data = TwoViewDataset(SyntheticImages(4, 2, 16, seed=0), two_view_transform(recipe, 16))
+    seed = int(torch.randint(0, 2**62, ()).item())  # a fresh seed each run
+    torch.manual_seed(seed)
+    expected = data.two_view_transform(data.base[2][0])
+    before = torch.get_rng_state()
+    x1, x2, label, index = data[(2, seed)]
+    assert torch.equal(torch.get_rng_state(), before)
+    assert index == 2 and label == data.base[2][1]
+    assert torch.equal(x1, expected[0]) and torch.equal(x2, expected[1])
+    assert not torch.equal(x1, data[(2, seed + 1)][0])  # the seed does decide the views
