@@ -273,3 +273,27 @@ def test_batch_larger_than_the_data_set_is_a_config_error(tmp_path):
     proc = run_module("demo.json", tmp_path / "z", [*TINY, "train.batch_size=4096"], check=False)
     assert proc.returncode != 0
     assert "train.batch_size=4096" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_rank_skips_deepspeeds_identity_allreduce_with_the_same_updates():
+    # One rank, ZeRO 0: the trainer turns off DeepSpeed's backward all-reduce (flatten, reduce over
+    # one rank, copy back). The parameters after a few steps must be bit-identical to those of a
+    # trainer that keeps it, and ZeRO >= 1 (which reduces in its optimizer) must be left alone.
+    from tiny_trainer import tiny_trainer
+
+    sizes = ["data.synthetic_size=32", "train.batch_size=8", "model.width=4", "train.seed=3"]
+    params = []
+    for keep_allreduce in (False, True):
+        trainer = tiny_trainer(REPO / "configs" / "demo.json", sizes)
+        assert trainer.engine.enable_backward_allreduce is False
+        trainer.engine.enable_backward_allreduce = keep_allreduce
+        batch = next(iter(trainer.train_loader))
+        for _ in range(3):
+            trainer.train_step(batch)
+        params.append({n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()})
+    assert params[0].keys() == params[1].keys()
+    assert all(torch.equal(params[0][n], params[1][n]) for n in params[0])
+    assert any(not torch.equal(params[0][n], p0) for n, p0 in  # the steps did move the weights
+               tiny_trainer(REPO / "configs" / "demo.json", sizes).engine.module.named_parameters())
+    zero1 = tiny_trainer(REPO / "configs" / "demo.json", sizes, ["deepspeed.zero_optimization.stage=1"])
+    assert zero1.engine.enable_backward_allreduce is True
