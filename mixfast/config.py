@@ -338,7 +338,11 @@ class TrainConfig(Section):
                            "alike), each in place (nn.Module.compile), after deepspeed.initialize: parameter names, "
                            "checkpoints and the exported backbone are unchanged. The first steps compile (minutes "
                            "on a CPU; each new batch shape or train/eval switch compiles again).")
-    checkpoint_every_steps: int = Field(1000, ge=1, description="Save a checkpoint every N steps (and always at epoch end).")
+    checkpoint_every_steps: int = Field(1000, ge=1, description="Save a checkpoint every N steps (and at the end of the run).")
+    checkpoint_every_epochs: int = Field(
+        1, ge=0, description="Also save at the end of every N-th epoch (0: only every checkpoint_every_steps and at "
+                             "the end). Resuming is exact from any checkpoint, mid-epoch too; a save costs ~35 ms on "
+                             "the demo (34 MB), so its 22-step epochs use 0.")
     keep_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep on disk.")
     resume: str = Field("auto", description="'auto' = latest checkpoint in output_dir if any, 'none' = fresh start, or a checkpoint tag.")
 

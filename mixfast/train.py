@@ -275,7 +275,9 @@ class Trainer:
                 state.batch_in_epoch = 0
                 if cfg.eval.knn_every and state.epoch % cfg.eval.knn_every == 0 and state.epoch < cfg.train.epochs:
                     self._run_knn(state.epoch)
-                self.save()
+                every = cfg.train.checkpoint_every_epochs
+                if every and state.epoch % every == 0:
+                    self.save()
         progress.close()
 
     def finish(self) -> dict:

@@ -297,3 +297,19 @@ def test_one_rank_skips_deepspeeds_identity_allreduce_with_the_same_updates():
                tiny_trainer(REPO / "configs" / "demo.json", sizes).engine.module.named_parameters())
     zero1 = tiny_trainer(REPO / "configs" / "demo.json", sizes, ["deepspeed.zero_optimization.stage=1"])
     assert zero1.engine.enable_backward_allreduce is True
+
+
+@pytest.mark.parametrize("every,expected", [(1, [4, 8, 12]), (2, [8]), (0, [])])
+def test_epoch_end_checkpoints_follow_checkpoint_every_epochs(every, expected):
+    # 4 steps per epoch, 3 epochs, no step cadence within them: the saves fit() makes are the epoch ends
+    # that train.checkpoint_every_epochs asks for (finish() then saves the end of the run in any case).
+    from tiny_trainer import tiny_trainer
+
+    trainer = tiny_trainer(REPO / "configs" / "demo.json",
+                           ["data.synthetic_size=32", "train.batch_size=8", "model.width=4", "train.epochs=3"],
+                           ["train.checkpoint_every_steps=1000", f"train.checkpoint_every_epochs={every}",
+                            "eval.knn_every=0"])
+    saved_at, save = [], trainer.save
+    trainer.save = lambda *a, **k: (saved_at.append(trainer.state.step), save(*a, **k))[1]
+    trainer.fit()
+    assert trainer.state.step == 12 and saved_at == expected
