@@ -11,7 +11,11 @@ encoder in eval mode), measures:
   its standard error; encoder in eval and in train mode);
 * each mask's coverage (the fraction of an image it removes): mean, min and max over the images.
 
-    python benchmarks/demo_adversarial.py [--out runs/demo_adversarial] [--only demo_adios] [--skip-train]
+    python benchmarks/demo_adversarial.py [--out runs/demo_adversarial] [--only demo_adios] [--seeds 0 1 2]
+                                          [--skip-train]
+
+With several `--seeds` each config is trained and checked once per `train.seed` (runs
+`<name>_seed<s>`) and each cell gives the mean over the seeds with the min-max range.
 
 Writes `results.json` and `results.md` under --out (the README's table).
 """
@@ -33,9 +37,14 @@ DEMOS = ["demo_adios", "demo_sequential"]
 _KNN_LINE = re.compile(r"kNN top-1: random-init ([\d.]+)% -> trained ([\d.]+)%")
 
 
-def train(name: str, run_dir: Path, log: Path) -> tuple[str, float]:
+def _seed_sets(seed: int | None) -> list[str]:
+    return [] if seed is None else [f"train.seed={seed}"]
+
+
+def train(name: str, run_dir: Path, log: Path, seed: int | None = None) -> tuple[str, float]:
     cmd = [sys.executable, "-m", "mixfast.train", "--config", f"configs/{name}.json",
-           "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false"]
+           "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false",
+           *[a for kv in _seed_sets(seed) for a in ("--set", kv)]]
     print("$", " ".join(cmd), flush=True)
     # a fresh single-process run: not the rendezvous variables this process set for its own checks
     env = {k: v for k, v in os.environ.items()
@@ -50,7 +59,7 @@ def train(name: str, run_dir: Path, log: Path) -> tuple[str, float]:
     return proc.stdout, wall
 
 
-def adversary_check(config: Path, run_dir: Path, batch: int = 64, draws: int = 10) -> dict:
+def adversary_check(config: Path, run_dir: Path, batch: int = 64, draws: int = 10, seed: int | None = None) -> dict:
     """Own-mask vs borrowed-mask encoder loss and mask coverage on the demo's test images.
 
     `draws` augmentation draws of the 360 test images (seeds 0..draws-1), in batches of `batch`: each
@@ -68,7 +77,7 @@ def adversary_check(config: Path, run_dir: Path, batch: int = 64, draws: int = 1
 
     cfg = load_config(config, [
         f"train.output_dir={run_dir}", "train.resume=auto", "log.tensorboard=false", "log.progress=false",
-        "log.image_grid=false", "eval.knn_at_start=false"])
+        "log.image_grid=false", "eval.knn_at_start=false", *_seed_sets(seed)])
     trainer = Trainer(cfg, dist_utils.init_distributed())
     if trainer.state.step == 0:
         sys.exit(f"{run_dir}: no finished run to check (train it first)")
@@ -104,18 +113,36 @@ def adversary_check(config: Path, run_dir: Path, batch: int = 64, draws: int = 1
 
 
 def markdown(records: list[dict]) -> str:
+    """One row per config. One seed: the measured values (difference ± its standard error). Several
+    seeds: each cell is the mean over the seeds with the min-max range; coverage per mask is the
+    mean coverage over the seeds with the smallest and largest single-image coverage of any seed."""
+    from demo_frameworks import spread
+
     head = ["config", "masks", "kNN random-init", "kNN trained", "own - borrowed, BN eval", "own > borrowed",
             "own - borrowed, BN train", "own > borrowed", "coverage per mask: mean [min, max]", "train wall"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in records:
-        cov = "; ".join(f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in
-                        zip(r["coverage_mean"], r["coverage_min"], r["coverage_max"]))
+    for config in dict.fromkeys(r["config"] for r in records):
+        runs = [r for r in records if r["config"] == config]
+        r = runs[0]
+        per_mask = zip(*[zip(x["coverage_mean"], x["coverage_min"], x["coverage_max"]) for x in runs])
+        cov = "; ".join(f"{sum(m for m, _, _ in v) / len(v):.2f} [{min(lo for _, lo, _ in v):.2f}, "
+                        f"{max(hi for _, _, hi in v):.2f}]" for v in per_mask)
+        cells = []
+        for mode in ("eval", "train"):
+            if len(runs) == 1:
+                cells += [f"{r[mode]['own_minus_borrowed_mean']:+.4f} ± {r[mode]['own_minus_borrowed_stderr']:.4f}",
+                          f"{r[mode]['own_above_borrowed_batches']}/{r[mode]['batches']}"]
+            else:
+                cells += [spread([x[mode]["own_minus_borrowed_mean"] for x in runs], "{:+.4f}", ""),
+                          spread([x[mode]["own_above_borrowed_batches"] for x in runs], "{:.1f}",
+                                 f"/{r[mode]['batches']}")]
         rows.append("| " + " | ".join([
-            f"`{r['config']}`", r["masks"], f"{r['knn_random_init']:.2f}%", f"{r['knn_trained']:.2f}%",
-            *[x for mode in ("eval", "train") for x in (
-                f"{r[mode]['own_minus_borrowed_mean']:+.4f} ± {r[mode]['own_minus_borrowed_stderr']:.4f}",
-                f"{r[mode]['own_above_borrowed_batches']}/{r[mode]['batches']}")],
-            cov, f"{r['train_wall_s']:.0f} s"]) + " |")
+            f"`{config}`", r["masks"], spread([x["knn_random_init"] for x in runs]),
+            spread([x["knn_trained"] for x in runs]), *cells, cov,
+            spread([x["train_wall_s"] for x in runs], "{:.0f}", " s")]) + " |")
+    seeds = sorted({r.get("seed") for r in records}, key=str)
+    if len(seeds) > 1:
+        rows.append(f"\nSeeds {', '.join(map(str, seeds))}: mean [min, max] over the seeds.")
     return "\n".join(rows) + "\n"
 
 
@@ -123,28 +150,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/demo_adversarial"))
     ap.add_argument("--only", nargs="+", choices=DEMOS, default=DEMOS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="train.seed values, one run each (default: the config's seed, one run)")
     ap.add_argument("--skip-train", action="store_true", help="reuse finished runs under --out")
     args = ap.parse_args()
     out = args.out if args.out.is_absolute() else ROOT / args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
     earlier = {}
     if (out / "results.json").exists():
-        earlier = {r["config"]: r for r in json.loads((out / "results.json").read_text())}
+        earlier = {(r["config"], r.get("seed")): r for r in json.loads((out / "results.json").read_text())}
     records = []
-    for name in args.only:
-        run_dir, log = out / name, out / "logs" / f"{name}.train.log"
+    for name, seed in [(n, s) for n in args.only for s in (args.seeds or [None])]:
+        tag = name if seed is None else f"{name}_seed{seed}"
+        run_dir, log = out / tag, out / "logs" / f"{tag}.train.log"
         config = f"configs/{name}.json"
+        cfg = json.loads((ROOT / config).read_text())
+        run_seed = cfg["train"]["seed"] if seed is None else seed
         if args.skip_train and (run_dir / "backbone_torchvision.pth").exists():
-            text, wall = log.read_text(), earlier.get(config, {}).get("train_wall_s", float("nan"))
+            text, wall = log.read_text(), earlier.get((config, run_seed), {}).get("train_wall_s", float("nan"))
         else:
-            text, wall = train(name, run_dir, log)
+            text, wall = train(name, run_dir, log, seed)
         m = _KNN_LINE.findall(text)
         if not m:
-            sys.exit(f"{name}: no 'kNN top-1: random-init ... -> trained ...' line in {log}")
-        cfg = json.loads((ROOT / config).read_text())
-        rec = {"config": config, "masks": f"{cfg['masker']['kind']}, N={cfg['masker']['num_masks']}",
+            sys.exit(f"{tag}: no 'kNN top-1: random-init ... -> trained ...' line in {log}")
+        rec = {"config": config, "seed": run_seed,
+               "masks": f"{cfg['masker']['kind']}, N={cfg['masker']['num_masks']}",
                "knn_random_init": float(m[-1][0]), "knn_trained": float(m[-1][1]), "train_wall_s": wall,
-               **adversary_check(ROOT / config, run_dir)}
+               **adversary_check(ROOT / config, run_dir, seed=seed)}
         print(json.dumps(rec), flush=True)
         records.append(rec)
     (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")

@@ -5,7 +5,11 @@ type it, then runs the kNN and fine-tune commands on the result (each its own pr
 from the run's metrics.jsonl how the reconstruction loss and (MixedAE) the TopK accuracy moved:
 the mean over the first and over the last epoch's logged steps.
 
-    python benchmarks/demo_autoencoders.py [--out runs/demo_autoencoders] [--only demo_mae] [--skip-train]
+    python benchmarks/demo_autoencoders.py [--out runs/demo_autoencoders] [--only demo_mae] [--seeds 0 1 2]
+                                           [--skip-train]
+
+With several `--seeds` each config is trained and evaluated once per `train.seed` (runs
+`<name>_seed<s>`) and each cell is the mean with the min-max range.
 
 Writes `results.json` and `results.md` under --out (the README's table).
 """
@@ -19,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_frameworks import _KNN_LINE, _run, _top1  # noqa: E402
+from demo_frameworks import _KNN_LINE, _run, _top1, spread  # noqa: E402
 
 DEMOS = ["demo_mae", "demo_mixedae"]
 # The ViT fine-tune recipe's defaults are ImageNet's (batch 1024, 100 epochs); the demo's: 10% of the labels,
@@ -39,24 +43,28 @@ def first_last(metrics: Path, key: str, steps_per_epoch: int) -> tuple[float, fl
     return sum(first) / len(first), sum(last) / len(last)
 
 
-def evaluate(name: str, out: Path, skip_train: bool) -> dict:
+def evaluate(name: str, out: Path, skip_train: bool, seed: int | None = None) -> dict:
     py = sys.executable
-    run_dir, logs = out / name, out / "logs"
+    tag = name if seed is None else f"{name}_seed{seed}"
+    run_dir, logs = out / tag, out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((ROOT / "configs" / f"{name}.json").read_text())
     rec: dict = {"config": f"configs/{name}.json", "method": cfg["method"]["name"], "arch": cfg["model"]["arch"],
-                 "epochs": cfg["train"]["epochs"]}
-    log = logs / f"{name}.train.log"
+                 "epochs": cfg["train"]["epochs"], "seed": cfg["train"]["seed"] if seed is None else seed}
+    seed_set = [] if seed is None else ["--set", f"train.seed={seed}"]
+    log = logs / f"{tag}.train.log"
     if skip_train and (run_dir / "backbone_torchvision.pth").exists():
         earlier = out / "results.json"
-        walls = {r["config"]: r.get("train_wall_s") for r in json.loads(earlier.read_text())} if earlier.exists() else {}
-        text, rec["train_wall_s"] = log.read_text(), walls.get(rec["config"])
+        walls = ({(r["config"], r.get("seed")): r.get("train_wall_s") for r in json.loads(earlier.read_text())}
+                 if earlier.exists() else {})
+        text, rec["train_wall_s"] = log.read_text(), walls.get((rec["config"], rec["seed"]))
     else:
         text, rec["train_wall_s"] = _run([py, "-m", "mixfast.train", "--config", f"configs/{name}.json",
-                                          "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false"], log)
+                                          "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false",
+                                          *seed_set], log)
     m = _KNN_LINE.findall(text)
     if not m:
-        sys.exit(f"{name}: no 'kNN top-1: random-init ... -> trained ...' line in {log}")
+        sys.exit(f"{tag}: no 'kNN top-1: random-init ... -> trained ...' line in {log}")
     rec["knn_random_init"], rec["knn_trained"] = (float(v) for v in m[-1])
     steps_per_epoch = int(next(line for line in text.splitlines() if "steps/epoch" in line)
                           .split(" steps/epoch")[0].rsplit(" ", 1)[-1])
@@ -68,30 +76,43 @@ def evaluate(name: str, out: Path, skip_train: bool) -> dict:
             metrics, "train/topk_accuracy", steps_per_epoch)
         rec["loss_homocon_first_epoch"], rec["loss_homocon_last_epoch"] = first_last(
             metrics, "train/loss_homocon", steps_per_epoch)
-    _, rec["knn_command_wall_s"] = _run([py, "-m", "mixfast.eval.knn", str(run_dir)], logs / f"{name}.knn.log")
+    _, rec["knn_command_wall_s"] = _run([py, "-m", "mixfast.eval.knn", str(run_dir)], logs / f"{tag}.knn.log")
     rec["knn_command_top1"] = _top1(run_dir / "eval" / "knn" / "knn_metrics.json")
     _, rec["finetune_wall_s"] = _run([py, "-m", "mixfast.eval.finetune", str(run_dir), *FINETUNE, "--no-progress"],
-                                     logs / f"{name}.finetune.log")
+                                     logs / f"{tag}.finetune.log")
     rec["finetune_10pct_top1"] = _top1(run_dir / "eval" / "finetune-10pct" / "finetune_metrics.json")
     print(json.dumps(rec), flush=True)
     return rec
 
 
 def markdown(records: list[dict]) -> str:
+    """One row per config; with records of several seeds, each value is 'mean [min-max]'."""
     head = ["config", "kNN random-init → trained", "reconstruction loss, first → last epoch",
             "TopK accuracy, first → last epoch (chance ≈ 25%)", "HomoCon, first → last epoch", "kNN command",
             "fine-tune 10% (ViT recipe, 30 ep)", "train wall"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in records:
-        topk = (f"{100 * r['topk_accuracy_first_epoch']:.1f}% → {100 * r['topk_accuracy_last_epoch']:.1f}%"
-                if "topk_accuracy_first_epoch" in r else "-")
-        homocon = (f"{r['loss_homocon_first_epoch']:.3f} → {r['loss_homocon_last_epoch']:.3f}"
-                   if "loss_homocon_first_epoch" in r else "-")
-        wall = f"{r['train_wall_s']:.0f} s" if r.get("train_wall_s") else "-"
+    for config in dict.fromkeys(r["config"] for r in records):
+        runs = [r for r in records if r["config"] == config]
+
+        def cell(key, scale=1.0, fmt="{:.2f}", unit="%"):
+            return spread([scale * r[key] for r in runs], fmt, unit)
+
+        def arrow(first, last, scale=1.0, fmt="{:.2f}", unit="%"):
+            if first not in runs[0]:
+                return "-"
+            return f"{cell(first, scale, fmt, unit)} → {cell(last, scale, fmt, unit)}"
+
+        walls = [r["train_wall_s"] for r in runs if r.get("train_wall_s")]
         rows.append("| " + " | ".join([
-            f"`{r['config']}`", f"{r['knn_random_init']:.2f}% → {r['knn_trained']:.2f}%",
-            f"{r['loss_recon_first_epoch']:.3f} → {r['loss_recon_last_epoch']:.3f}", topk, homocon,
-            f"{r['knn_command_top1']:.2f}%", f"{r['finetune_10pct_top1']:.2f}%", wall]) + " |")
+            f"`{config}`", arrow("knn_random_init", "knn_trained"),
+            arrow("loss_recon_first_epoch", "loss_recon_last_epoch", fmt="{:.3f}", unit=""),
+            arrow("topk_accuracy_first_epoch", "topk_accuracy_last_epoch", 100.0, "{:.1f}"),
+            arrow("loss_homocon_first_epoch", "loss_homocon_last_epoch", fmt="{:.3f}", unit=""),
+            cell("knn_command_top1"), cell("finetune_10pct_top1"),
+            spread(walls, "{:.0f}", " s") if walls else "-"]) + " |")
+    seeds = sorted({r.get("seed") for r in records})
+    if len(seeds) > 1:
+        rows.append(f"\nSeeds {', '.join(map(str, seeds))}: mean [min, max] over the seeds.")
     return "\n".join(rows) + "\n"
 
 
@@ -99,10 +120,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/demo_autoencoders"))
     ap.add_argument("--only", nargs="+", choices=DEMOS, default=DEMOS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="train.seed values, one run each (default: the config's seed, one run)")
     ap.add_argument("--skip-train", action="store_true", help="reuse finished runs under --out")
     args = ap.parse_args()
     out = args.out if args.out.is_absolute() else ROOT / args.out
-    records = [evaluate(name, out, args.skip_train) for name in args.only]
+    records = [evaluate(name, out, args.skip_train, seed) for name in args.only for seed in (args.seeds or [None])]
     (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     table = markdown(records)
     (out / "results.md").write_text(table)

@@ -7,7 +7,11 @@ per framework plus a Markdown table. Runs are sequential: on a 2-core machine tw
 side by side only make both slow.
 
     python benchmarks/demo_frameworks.py [--out runs/demo_frameworks] [--only demo_byol ...]
-                                          [--labels 1 10] [--skip-train]
+                                          [--labels 1 10] [--seeds 0 1 2] [--skip-train]
+
+With several `--seeds` (`train.seed`: initial weights, data order, augmentations, mixing draws)
+each recipe is trained and evaluated once per seed (runs `<name>_seed<s>`; the evaluation
+commands keep their own default seeds) and each table cell is the mean with the min-max range.
 
 The random-init kNN is the trainer's own (`eval.knn_at_start` in the demo configs). A run that
 was interrupted resumes from its checkpoint because the trainer does; a finished run is not
@@ -45,56 +49,77 @@ def _top1(metrics_file: Path) -> float:
     return float(json.loads(metrics_file.read_text())["top1"])
 
 
-def evaluate(name: str, out: Path, labels: list[int], skip_train: bool) -> dict:
+def evaluate(name: str, out: Path, labels: list[int], skip_train: bool, seed: int | None = None) -> dict:
+    """Train `name` (at `train.seed=seed` when given) and run the evaluation commands on it."""
     py = sys.executable
-    run_dir = out / name
+    tag = name if seed is None else f"{name}_seed{seed}"
+    run_dir = out / tag
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((ROOT / "configs" / f"{name}.json").read_text())
     rec: dict = {"config": f"configs/{name}.json", "method": cfg["method"]["name"],
                  "mixmask": cfg["mixing"]["mixmask"]["enabled"], "unmix": cfg["mixing"]["unmix"]["enabled"],
-                 "epochs": cfg["train"]["epochs"], "run_dir": str(run_dir)}
+                 "epochs": cfg["train"]["epochs"], "run_dir": str(run_dir),
+                 "seed": cfg["train"]["seed"] if seed is None else seed}
+    seed_set = [] if seed is None else ["--set", f"train.seed={seed}"]
 
     if skip_train and (run_dir / "backbone_torchvision.pth").exists():
-        text = (logs / f"{name}.train.log").read_text()
+        text = (logs / f"{tag}.train.log").read_text()
         earlier = out / "results.json"  # keep the wall time the training pass measured
-        walls = {r["config"]: r.get("train_wall_s") for r in json.loads(earlier.read_text())} if earlier.exists() else {}
-        rec["train_wall_s"] = walls.get(rec["config"])
+        walls = ({(r["config"], r.get("seed")): r.get("train_wall_s") for r in json.loads(earlier.read_text())}
+                 if earlier.exists() else {})
+        rec["train_wall_s"] = walls.get((rec["config"], rec["seed"]))
     else:
         text, rec["train_wall_s"] = _run(
             [py, "-m", "mixfast.train", "--config", f"configs/{name}.json",
-             "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false"],
-            logs / f"{name}.train.log")
+             "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false", *seed_set],
+            logs / f"{tag}.train.log")
     m = _KNN_LINE.findall(text)
     if not m:
-        sys.exit(f"{name}: no 'kNN top-1: random-init ... -> trained ...' line in {logs / f'{name}.train.log'}")
+        sys.exit(f"{tag}: no 'kNN top-1: random-init ... -> trained ...' line in {logs / f'{tag}.train.log'}")
     rec["knn_random_init"], rec["knn_trained"] = (float(v) for v in m[-1])
 
     _, rec["linear_wall_s"] = _run(
         [py, "-m", "mixfast.eval.linear", str(run_dir), "--protocol", "cifar", "--augment", "none",
-         "--no-progress"], logs / f"{name}.linear.log")
+         "--no-progress"], logs / f"{tag}.linear.log")
     rec["linear_top1"] = _top1(run_dir / "eval" / "linear-cifar" / "linear_metrics.json")
 
     for p in labels:
         _, rec[f"finetune_{p}pct_wall_s"] = _run(
             [py, "-m", "mixfast.eval.finetune", str(run_dir), "--labels", str(p), "--no-progress"],
-            logs / f"{name}.finetune{p}.log")
+            logs / f"{tag}.finetune{p}.log")
         rec[f"finetune_{p}pct_top1"] = _top1(run_dir / "eval" / f"finetune-{p}pct" / "finetune_metrics.json")
     print(json.dumps(rec), flush=True)
     return rec
 
 
+def spread(values: list[float], fmt: str = "{:.2f}", unit: str = "%") -> str:
+    """One value as is; several as 'mean [min-max]' (the README's seed tables)."""
+    if len(values) == 1:
+        return fmt.format(values[0]) + unit
+    mean = sum(values) / len(values)
+    return f"{fmt.format(mean)}{unit} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+
 def markdown(records: list[dict], labels: list[int]) -> str:
+    """One row per config; with records of several seeds, each cell is 'mean [min-max]'."""
     head = ["config", "method", "kNN random-init", "kNN trained", "linear (cifar, --augment none)",
             *[f"fine-tune {p}%" for p in labels], "train wall"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in records:
+    configs = list(dict.fromkeys(r["config"] for r in records))
+    for config in configs:
+        runs = [r for r in records if r["config"] == config]
+        r = runs[0]
         mixing = " + ".join(k for k, on in (("MixMask", r["mixmask"]), ("Un-Mix", r["unmix"])) if on) or "-"
-        wall = f"{r['train_wall_s']:.0f} s" if r.get("train_wall_s") else "-"
+        walls = [x["train_wall_s"] for x in runs if x.get("train_wall_s")]
+        wall = spread(walls, "{:.0f}", " s") if walls else "-"
         rows.append("| " + " | ".join([
-            f"`{r['config']}`", f"{r['method']} ({mixing})", f"{r['knn_random_init']:.2f}%",
-            f"{r['knn_trained']:.2f}%", f"{r['linear_top1']:.2f}%",
-            *[f"{r[f'finetune_{p}pct_top1']:.2f}%" for p in labels], wall]) + " |")
+            f"`{config}`", f"{r['method']} ({mixing})", spread([x["knn_random_init"] for x in runs]),
+            spread([x["knn_trained"] for x in runs]), spread([x["linear_top1"] for x in runs]),
+            *[spread([x[f"finetune_{p}pct_top1"] for x in runs]) for p in labels], wall]) + " |")
+    seeds = sorted({r["seed"] for r in records})
+    if len(seeds) > 1:
+        rows.append(f"\nSeeds {', '.join(map(str, seeds))}: mean [min, max] over the seeds.")
     return "\n".join(rows) + "\n"
 
 
@@ -103,10 +128,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/demo_frameworks"))
     ap.add_argument("--only", nargs="+", choices=DEMOS, default=DEMOS)
     ap.add_argument("--labels", nargs="+", type=int, default=[1, 10], choices=[1, 10, 100])
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="train.seed values, one run each (default: the config's seed, one run)")
     ap.add_argument("--skip-train", action="store_true", help="reuse finished runs under --out")
     args = ap.parse_args()
     out = args.out if args.out.is_absolute() else ROOT / args.out
-    records = [evaluate(name, out, args.labels, args.skip_train) for name in args.only]
+    seeds = args.seeds or [None]
+    records = [evaluate(name, out, args.labels, args.skip_train, seed) for name in args.only for seed in seeds]
     (out / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     table = markdown(records, args.labels)
     (out / "results.md").write_text(table)
