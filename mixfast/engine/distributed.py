@@ -53,11 +53,12 @@ def _unlink_shm_allreduce_buffer() -> None:
     (a RAM-backed tmpfs) for good. After the barrier all ranks hold their mappings, which stay
     valid after the unlink, so the memory is freed when the last process exits, crash or not.
     """
-    if torch.cuda.is_available() or world_size() < 2:
+    if torch.cuda.is_available():
         return
     name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank())
-    dist.barrier()
+    if world_size() > 1:
+        dist.barrier()  # one rank alone (launcher with 1 process) has a buffer too, and no one to wait for
     try:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:  # a DeepSpeed without the shm all-reduce, or one that cleans up itself
