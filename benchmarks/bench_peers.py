@@ -142,8 +142,10 @@ class PeerRun:
         self.model = LightlyMoCo(mixfast_query, cfg.model.bn_splits)
         self.criterion = NTXentLoss(temperature=cfg.method.temperature, memory_bank_size=tuple(queue.shape))
         self.criterion.memory_bank.bank = queue.clone()  # the same initial queue as mixfast's
-        mean, std = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # the 'cifar' recipe's
+        from mixfast.data import mean_std
+
         d = cfg.data
+        mean, std = mean_std(d.augmentation)  # the demo recipe's normalization
         self.transform = MoCoV2Transform(
             input_size=d.image_size, cj_prob=0.8, cj_strength=1.0, cj_bright=0.4, cj_contrast=0.4, cj_sat=0.4,
             cj_hue=0.1, min_scale=d.crop_min_scale, random_gray_scale=0.2, gaussian_blur=0.0, hf_prob=0.0,

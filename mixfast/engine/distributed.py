@@ -49,9 +49,10 @@ def _unlink_shm_allreduce_buffer() -> None:
 
     On the CPU accelerator `deepspeed.init_distributed` gives each rank a 66 MB shared-memory
     file, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, maps the
-    other ranks' files, and never unlinks them: every multi-rank CPU run left 132 MB in /dev/shm
-    (a RAM-backed tmpfs) for good. After the barrier all ranks hold their mappings, which stay
-    valid after the unlink, so the memory is freed when the last process exits, crash or not.
+    other ranks' files, and never unlinks them: every launcher run on CPU (one rank or more) left
+    66 MB per rank in /dev/shm (a RAM-backed tmpfs) for good. After the barrier all ranks hold their
+    mappings, which stay valid after the unlink, so the memory is freed when the last process exits,
+    crash or not.
     """
     if torch.cuda.is_available():
         return
