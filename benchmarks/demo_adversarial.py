@@ -33,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_frameworks import reuse_training, save_training, spread  # noqa: E402
+
 DEMOS = ["demo_adios", "demo_sequential"]
 _KNN_LINE = re.compile(r"kNN top-1: random-init ([\d.]+)% -> trained ([\d.]+)%")
 
@@ -116,8 +119,6 @@ def markdown(records: list[dict]) -> str:
     """One row per config. One seed: the measured values (difference ± its standard error). Several
     seeds: each cell is the mean over the seeds with the min-max range; coverage per mask is the
     mean coverage over the seeds with the smallest and largest single-image coverage of any seed."""
-    from demo_frameworks import spread
-
     head = ["config", "masks", "kNN random-init", "kNN trained", "own - borrowed, BN eval", "own > borrowed",
             "own - borrowed, BN train", "own > borrowed", "coverage per mask: mean [min, max]", "train wall"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -127,6 +128,7 @@ def markdown(records: list[dict]) -> str:
         per_mask = zip(*[zip(x["coverage_mean"], x["coverage_min"], x["coverage_max"]) for x in runs])
         cov = "; ".join(f"{sum(m for m, _, _ in v) / len(v):.2f} [{min(lo for _, lo, _ in v):.2f}, "
                         f"{max(hi for _, _, hi in v):.2f}]" for v in per_mask)
+        walls = [x["train_wall_s"] for x in runs if x.get("train_wall_s") is not None]  # unknown: reused run
         cells = []
         for mode in ("eval", "train"):
             if len(runs) == 1:
@@ -139,7 +141,7 @@ def markdown(records: list[dict]) -> str:
         rows.append("| " + " | ".join([
             f"`{config}`", r["masks"], spread([x["knn_random_init"] for x in runs]),
             spread([x["knn_trained"] for x in runs]), *cells, cov,
-            spread([x["train_wall_s"] for x in runs], "{:.0f}", " s")]) + " |")
+            spread(walls, "{:.0f}", " s") if walls else "-"]) + " |")
     seeds = sorted({r.get("seed") for r in records}, key=str)
     if len(seeds) > 1:
         rows.append(f"\nSeeds {', '.join(map(str, seeds))}: mean [min, max] over the seeds.")
@@ -166,10 +168,13 @@ def main() -> None:
         config = f"configs/{name}.json"
         cfg = json.loads((ROOT / config).read_text())
         run_seed = cfg["train"]["seed"] if seed is None else seed
-        if args.skip_train and (run_dir / "backbone_torchvision.pth").exists():
-            text, wall = log.read_text(), earlier.get((config, run_seed), {}).get("train_wall_s", float("nan"))
+        earlier_wall = earlier.get((config, run_seed), {}).get("train_wall_s")
+        reused = reuse_training(run_dir, log, earlier_wall) if args.skip_train else None
+        if reused:
+            text, wall = reused
         else:
             text, wall = train(name, run_dir, log, seed)
+            save_training(log, text, wall)
         m = _KNN_LINE.findall(text)
         if not m:
             sys.exit(f"{tag}: no 'kNN top-1: random-init ... -> trained ...' line in {log}")

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_frameworks import _KNN_LINE, _run, _top1, spread  # noqa: E402
+from demo_frameworks import _KNN_LINE, _run, _top1, reuse_training, save_training, spread  # noqa: E402
 
 DEMOS = ["demo_mae", "demo_mixedae"]
 # The ViT fine-tune recipe's defaults are ImageNet's (batch 1024, 100 epochs); the demo's: 10% of the labels,
@@ -53,15 +53,17 @@ def evaluate(name: str, out: Path, skip_train: bool, seed: int | None = None) ->
                  "epochs": cfg["train"]["epochs"], "seed": cfg["train"]["seed"] if seed is None else seed}
     seed_set = [] if seed is None else ["--set", f"train.seed={seed}"]
     log = logs / f"{tag}.train.log"
-    if skip_train and (run_dir / "backbone_torchvision.pth").exists():
-        earlier = out / "results.json"
-        walls = ({(r["config"], r.get("seed")): r.get("train_wall_s") for r in json.loads(earlier.read_text())}
-                 if earlier.exists() else {})
-        text, rec["train_wall_s"] = log.read_text(), walls.get((rec["config"], rec["seed"]))
+    earlier = out / "results.json"  # wall times of passes from before the wall files
+    walls = ({(r["config"], r.get("seed")): r.get("train_wall_s") for r in json.loads(earlier.read_text())}
+             if earlier.exists() else {})
+    reused = reuse_training(run_dir, log, walls.get((rec["config"], rec["seed"]))) if skip_train else None
+    if reused:
+        text, rec["train_wall_s"] = reused
     else:
         text, rec["train_wall_s"] = _run([py, "-m", "mixfast.train", "--config", f"configs/{name}.json",
                                           "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false",
                                           *seed_set], log)
+        save_training(log, text, rec["train_wall_s"])
     m = _KNN_LINE.findall(text)
     if not m:
         sys.exit(f"{tag}: no 'kNN top-1: random-init ... -> trained ...' line in {log}")

@@ -45,6 +45,29 @@ def _run(cmd: list[str], log: Path) -> tuple[str, float]:
     return proc.stdout, wall
 
 
+def _wall_file(log: Path) -> Path:
+    return log.with_name(log.name + ".wall_s")
+
+
+def save_training(log: Path, text: str, wall: float) -> None:
+    """Keep a finished training's output and wall time, so that --skip-train can reuse both."""
+    log.write_text(text)
+    _wall_file(log).write_text(f"{wall:.3f}\n")
+
+
+def reuse_training(run_dir: Path, log: Path, earlier_wall: float | None = None) -> tuple[str, float | None] | None:
+    """Output and wall time of a training finished under `run_dir` by an earlier pass, else None.
+
+    The exported backbone is the trainer's last act and the log is written after its process
+    exits, so a pass killed between the two (or before) trains again instead of failing on a
+    missing log. The wall time is the one `save_training` kept, else `earlier_wall` (from an
+    earlier pass's results file, for runs from before the wall files), else unknown."""
+    if not ((run_dir / "backbone_torchvision.pth").exists() and log.exists()):
+        return None
+    wall = float(_wall_file(log).read_text()) if _wall_file(log).exists() else earlier_wall
+    return log.read_text(), wall
+
+
 def _top1(metrics_file: Path) -> float:
     return float(json.loads(metrics_file.read_text())["top1"])
 
@@ -63,17 +86,18 @@ def evaluate(name: str, out: Path, labels: list[int], skip_train: bool, seed: in
                  "seed": cfg["train"]["seed"] if seed is None else seed}
     seed_set = [] if seed is None else ["--set", f"train.seed={seed}"]
 
-    if skip_train and (run_dir / "backbone_torchvision.pth").exists():
-        text = (logs / f"{tag}.train.log").read_text()
-        earlier = out / "results.json"  # keep the wall time the training pass measured
-        walls = ({(r["config"], r.get("seed")): r.get("train_wall_s") for r in json.loads(earlier.read_text())}
-                 if earlier.exists() else {})
-        rec["train_wall_s"] = walls.get((rec["config"], rec["seed"]))
+    log = logs / f"{tag}.train.log"
+    earlier = out / "results.json"  # wall times of passes from before the wall files
+    walls = ({(r["config"], r.get("seed")): r.get("train_wall_s") for r in json.loads(earlier.read_text())}
+             if earlier.exists() else {})
+    reused = reuse_training(run_dir, log, walls.get((rec["config"], rec["seed"]))) if skip_train else None
+    if reused:
+        text, rec["train_wall_s"] = reused
     else:
         text, rec["train_wall_s"] = _run(
             [py, "-m", "mixfast.train", "--config", f"configs/{name}.json",
-             "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false", *seed_set],
-            logs / f"{tag}.train.log")
+             "--set", f"train.output_dir={run_dir}", "--set", "log.progress=false", *seed_set], log)
+        save_training(log, text, rec["train_wall_s"])
     m = _KNN_LINE.findall(text)
     if not m:
         sys.exit(f"{tag}: no 'kNN top-1: random-init ... -> trained ...' line in {logs / f'{tag}.train.log'}")
