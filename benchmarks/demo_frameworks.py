@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMOS = ["demo", "demo_simclr", "demo_byol", "demo_simsiam", "demo_mixsiam"]
+_FRAMEWORK = {"moco": "MoCo v2", "simclr": "SimCLR", "byol": "BYOL", "simsiam": "SimSiam", "mixsiam": "MixSiam"}
 _KNN_LINE = re.compile(r"kNN top-1: random-init ([\d.]+)% -> trained ([\d.]+)%")
 
 
@@ -127,18 +128,19 @@ def spread(values: list[float], fmt: str = "{:.2f}", unit: str = "%") -> str:
 
 def markdown(records: list[dict], labels: list[int]) -> str:
     """One row per config; with records of several seeds, each cell is 'mean [min-max]'."""
-    head = ["config", "method", "kNN random-init", "kNN trained", "linear (cifar, --augment none)",
-            *[f"fine-tune {p}%" for p in labels], "train wall"]
+    head = ["config", "framework (mixing)", "kNN random-init", "kNN trained", "linear (`--protocol cifar --augment none`)",
+            *[f"fine-tune {p}%" for p in labels], "training wall"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     configs = list(dict.fromkeys(r["config"] for r in records))
     for config in configs:
         runs = [r for r in records if r["config"] == config]
         r = runs[0]
-        mixing = " + ".join(k for k, on in (("MixMask", r["mixmask"]), ("Un-Mix", r["unmix"])) if on) or "-"
+        mixing = (" + ".join(k for k, on in (("MixMask", r["mixmask"]), ("Un-Mix", r["unmix"])) if on)
+                  or ("its own mixture" if r["method"] == "mixsiam" else "-"))
         walls = [x["train_wall_s"] for x in runs if x.get("train_wall_s")]
         wall = spread(walls, "{:.0f}", " s") if walls else "-"
         rows.append("| " + " | ".join([
-            f"`{config}`", f"{r['method']} ({mixing})", spread([x["knn_random_init"] for x in runs]),
+            f"`{config}`", f"{_FRAMEWORK.get(r['method'], r['method'])} ({mixing})", spread([x["knn_random_init"] for x in runs]),
             spread([x["knn_trained"] for x in runs]), spread([x["linear_top1"] for x in runs]),
             *[spread([x[f"finetune_{p}pct_top1"] for x in runs]) for p in labels], wall]) + " |")
     seeds = sorted({r["seed"] for r in records})
