@@ -101,7 +101,7 @@ def evaluate(name: str, out: Path, labels: list[int], skip_train: bool, seed: in
         save_training(log, text, rec["train_wall_s"])
     m = _KNN_LINE.findall(text)
     if not m:
-        sys.exit(f"{tag}: no 'kNN top-1: random-init ... -> trained ...' line in {logs / f'{tag}.train.log'}")
+        sys.exit(f"{tag}: no 'kNN top-1: random-init ... -> trained ...' line in {log}")
     rec["knn_random_init"], rec["knn_trained"] = (float(v) for v in m[-1])
 
     _, rec["linear_wall_s"] = _run(
