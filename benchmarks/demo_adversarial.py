@@ -158,9 +158,6 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out if args.out.is_absolute() else ROOT / args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    earlier = {}
-    if (out / "results.json").exists():
-        earlier = {(r["config"], r.get("seed")): r for r in json.loads((out / "results.json").read_text())}
     records = []
     for name, seed in [(n, s) for n in args.only for s in (args.seeds or [None])]:
         tag = name if seed is None else f"{name}_seed{seed}"
@@ -168,8 +165,7 @@ def main() -> None:
         config = f"configs/{name}.json"
         cfg = json.loads((ROOT / config).read_text())
         run_seed = cfg["train"]["seed"] if seed is None else seed
-        earlier_wall = earlier.get((config, run_seed), {}).get("train_wall_s")
-        reused = reuse_training(run_dir, log, earlier_wall) if args.skip_train else None
+        reused = reuse_training(run_dir, log, out / "results.json", config, run_seed) if args.skip_train else None
         if reused:
             text, wall = reused
         else:

@@ -53,10 +53,7 @@ def evaluate(name: str, out: Path, skip_train: bool, seed: int | None = None) ->
                  "epochs": cfg["train"]["epochs"], "seed": cfg["train"]["seed"] if seed is None else seed}
     seed_set = [] if seed is None else ["--set", f"train.seed={seed}"]
     log = logs / f"{tag}.train.log"
-    earlier = out / "results.json"  # wall times of passes from before the wall files
-    walls = ({(r["config"], r.get("seed")): r.get("train_wall_s") for r in json.loads(earlier.read_text())}
-             if earlier.exists() else {})
-    reused = reuse_training(run_dir, log, walls.get((rec["config"], rec["seed"]))) if skip_train else None
+    reused = reuse_training(run_dir, log, out / "results.json", rec["config"], rec["seed"]) if skip_train else None
     if reused:
         text, rec["train_wall_s"] = reused
     else:

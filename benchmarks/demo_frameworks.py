@@ -56,17 +56,20 @@ def save_training(log: Path, text: str, wall: float) -> None:
     _wall_file(log).write_text(f"{wall:.3f}\n")
 
 
-def reuse_training(run_dir: Path, log: Path, earlier_wall: float | None = None) -> tuple[str, float | None] | None:
+def reuse_training(run_dir: Path, log: Path, results: Path, config: str, seed: int) -> tuple[str, float | None] | None:
     """Output and wall time of a training finished under `run_dir` by an earlier pass, else None.
 
     The exported backbone is the trainer's last act and the log is written after its process
     exits, so a pass killed between the two (or before) trains again instead of failing on a
-    missing log. The wall time is the one `save_training` kept, else `earlier_wall` (from an
-    earlier pass's results file, for runs from before the wall files), else unknown."""
+    missing log. The wall time is the one `save_training` kept, else the `(config, seed)` record's
+    in an earlier pass's `results` file (runs from before the wall files), else unknown."""
     if not ((run_dir / "backbone_torchvision.pth").exists() and log.exists()):
         return None
-    wall = float(_wall_file(log).read_text()) if _wall_file(log).exists() else earlier_wall
-    return log.read_text(), wall
+    if _wall_file(log).exists():
+        return log.read_text(), float(_wall_file(log).read_text())
+    records = json.loads(results.read_text()) if results.exists() else []
+    walls = {(r["config"], r.get("seed")): r.get("train_wall_s") for r in records}
+    return log.read_text(), walls.get((config, seed))
 
 
 def _top1(metrics_file: Path) -> float:
@@ -88,10 +91,7 @@ def evaluate(name: str, out: Path, labels: list[int], skip_train: bool, seed: in
     seed_set = [] if seed is None else ["--set", f"train.seed={seed}"]
 
     log = logs / f"{tag}.train.log"
-    earlier = out / "results.json"  # wall times of passes from before the wall files
-    walls = ({(r["config"], r.get("seed")): r.get("train_wall_s") for r in json.loads(earlier.read_text())}
-             if earlier.exists() else {})
-    reused = reuse_training(run_dir, log, walls.get((rec["config"], rec["seed"]))) if skip_train else None
+    reused = reuse_training(run_dir, log, out / "results.json", rec["config"], rec["seed"]) if skip_train else None
     if reused:
         text, rec["train_wall_s"] = reused
     else:

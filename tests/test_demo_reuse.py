@@ -7,6 +7,7 @@ wall times of the runs it had finished. No training here: the files the scripts 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -24,30 +25,41 @@ def run(tmp_path):
     return run_dir, log
 
 
-def test_a_training_without_its_backbone_or_log_is_trained_again(run):
+def _results(tmp_path, wall):
+    """An earlier pass's results file holding `wall` for (configs/demo.json, seed 1) only."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{"config": "configs/demo.json", "seed": 1, "train_wall_s": wall},
+                                {"config": "configs/demo.json", "seed": 2, "train_wall_s": 7.0}]))
+    return path
+
+
+def test_a_training_without_its_backbone_or_log_is_trained_again(run, tmp_path):
     run_dir, log = run
-    assert reuse_training(run_dir, log) is None  # nothing yet
+    results = _results(tmp_path, 3.0)
+    assert reuse_training(run_dir, log, results, "configs/demo.json", 1) is None  # nothing yet
     (run_dir / "backbone_torchvision.pth").write_bytes(b"x")
-    assert reuse_training(run_dir, log, earlier_wall=3.0) is None  # killed before the log was written
+    assert reuse_training(run_dir, log, results, "configs/demo.json", 1) is None  # killed before the log
     (run_dir / "backbone_torchvision.pth").unlink()
     log.write_text("output")
-    assert reuse_training(run_dir, log) is None  # a log but no exported backbone
+    assert reuse_training(run_dir, log, results, "configs/demo.json", 1) is None  # a log, no exported backbone
 
 
-def test_a_finished_training_keeps_its_own_wall_time(run):
+def test_a_finished_training_keeps_its_own_wall_time(run, tmp_path):
     run_dir, log = run
     (run_dir / "backbone_torchvision.pth").write_bytes(b"x")
     save_training(log, "kNN top-1: random-init 10.00% -> trained 90.00%\n", 51.25)
-    text, wall = reuse_training(run_dir, log, earlier_wall=99.0)
+    text, wall = reuse_training(run_dir, log, _results(tmp_path, 99.0), "configs/demo.json", 1)
     assert text.startswith("kNN top-1") and wall == pytest.approx(51.25)
 
 
-def test_a_run_from_before_the_wall_files_takes_the_earlier_results_wall_or_none(run):
+def test_a_run_from_before_the_wall_files_takes_the_earlier_results_wall_or_none(run, tmp_path):
     run_dir, log = run
     (run_dir / "backbone_torchvision.pth").write_bytes(b"x")
     log.write_text("output")
-    assert reuse_training(run_dir, log, earlier_wall=42.0) == ("output", 42.0)
-    assert reuse_training(run_dir, log) == ("output", None)
+    results = _results(tmp_path, 42.0)
+    assert reuse_training(run_dir, log, results, "configs/demo.json", 1) == ("output", 42.0)
+    assert reuse_training(run_dir, log, results, "configs/demo_byol.json", 1) == ("output", None)  # no record
+    assert reuse_training(run_dir, log, tmp_path / "absent.json", "configs/demo.json", 1) == ("output", None)
 
 
 def test_spread_is_the_value_or_mean_with_range():
