@@ -28,6 +28,7 @@ from demo_frameworks import _KNN_LINE, _run, _top1, reuse_training, save_trainin
 DEMOS = ["demo_mae", "demo_mixedae"]
 # The ViT fine-tune recipe's defaults are ImageNet's (batch 1024, 100 epochs); the demo's: 10% of the labels,
 # batch 64, 30 epochs with 3 of warm-up, no mixup/cutmix/RandAugment.
+CURVE_SPANS = 6  # the TopK accuracy's course: means over 6 equal runs of epochs (20 each at 120 epochs)
 FINETUNE = ["--labels", "10", "--recipe", "vit", "--batch-size", "64", "--epochs", "30", "--warmup-epochs", "3"]
 
 
@@ -41,6 +42,21 @@ def first_last(metrics: Path, key: str, steps_per_epoch: int) -> tuple[float, fl
     first = [values[s] for s in steps if s <= steps_per_epoch]
     last = [values[s] for s in steps if s > steps[-1] - steps_per_epoch]
     return sum(first) / len(first), sum(last) / len(last)
+
+
+def span_means(metrics: Path, key: str, steps_per_epoch: int, spans: int) -> list[float]:
+    """The mean of `key` over each of `spans` equal runs of epochs (the TopK accuracy's course over training)."""
+    values = {}
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            values[record["step"]] = record[key]
+    epochs = -(-max(values) // steps_per_epoch)
+    per_span = -(-epochs // spans)
+    sums: dict = {}
+    for step, value in values.items():
+        sums.setdefault(((step - 1) // steps_per_epoch) // per_span, []).append(value)
+    return [sum(v) / len(v) for _, v in sorted(sums.items())]
 
 
 def evaluate(name: str, out: Path, skip_train: bool, seed: int | None = None) -> dict:
@@ -75,6 +91,7 @@ def evaluate(name: str, out: Path, skip_train: bool, seed: int | None = None) ->
             metrics, "train/topk_accuracy", steps_per_epoch)
         rec["loss_homocon_first_epoch"], rec["loss_homocon_last_epoch"] = first_last(
             metrics, "train/loss_homocon", steps_per_epoch)
+        rec["topk_accuracy_spans"] = span_means(metrics, "train/topk_accuracy", steps_per_epoch, CURVE_SPANS)
     _, rec["knn_command_wall_s"] = _run([py, "-m", "mixfast.eval.knn", str(run_dir)], logs / f"{tag}.knn.log")
     rec["knn_command_top1"] = _top1(run_dir / "eval" / "knn" / "knn_metrics.json")
     _, rec["finetune_wall_s"] = _run([py, "-m", "mixfast.eval.finetune", str(run_dir), *FINETUNE, "--no-progress"],
@@ -112,6 +129,16 @@ def markdown(records: list[dict]) -> str:
     seeds = sorted({r.get("seed") for r in records})
     if len(seeds) > 1:
         rows.append(f"\nSeeds {', '.join(map(str, seeds))}: mean [min, max] over the seeds.")
+    curves = [r for r in records if r.get("topk_accuracy_spans")]
+    if curves:
+        n = max(len(r["topk_accuracy_spans"]) for r in curves)
+        per = -(-curves[0]["epochs"] // n)
+        spans = [f"epochs {i * per}-{min((i + 1) * per, curves[0]['epochs']) - 1}" for i in range(n)]
+        rows += ["", "TopK accuracy over training (mean over the logged steps of each run of epochs; chance ≈ 25%):",
+                 "", "| run | " + " | ".join(spans) + " |", "|" + "---|" * (n + 1)]
+        for r in curves:
+            rows.append(f"| `{r['config']}` seed {r.get('seed')} | "
+                        + " | ".join(f"{100 * v:.1f}%" for v in r["topk_accuracy_spans"]) + " |")
     return "\n".join(rows) + "\n"
 
 
