@@ -3,7 +3,11 @@
 For `configs/demo_mae.json` and `configs/demo_mixedae.json` this trains each run as a user would
 type it, then runs the kNN and fine-tune commands on the result (each its own process), and reads
 from the run's metrics.jsonl how the reconstruction loss and (MixedAE) the TopK accuracy moved:
-the mean over the first and over the last epoch's logged steps.
+the mean over the first and over the last epoch's logged steps, and (MixedAE) the TopK accuracy's
+course, its mean over each sixth of the epochs (a second table).
+
+`--skip-train` reuses a run folder under --out whatever config trained it: give a new --out after
+changing a demo config (its epochs, say).
 
     python benchmarks/demo_autoencoders.py [--out runs/demo_autoencoders] [--only demo_mae] [--seeds 0 1 2]
                                            [--skip-train]
