@@ -48,19 +48,23 @@ def first_last(metrics: Path, key: str, steps_per_epoch: int) -> tuple[float, fl
     return sum(first) / len(first), sum(last) / len(last)
 
 
-def span_means(metrics: Path, key: str, steps_per_epoch: int, spans: int) -> list[float]:
-    """The mean of `key` over each of `spans` equal runs of epochs (the TopK accuracy's course over training)."""
-    values = {}
+def span_epochs(epochs: int, spans: int) -> list[range]:
+    """`epochs` cut into at most `spans` runs of ceil(epochs / spans) epochs (the last may be shorter)."""
+    per = -(-epochs // spans)
+    return [range(start, min(start + per, epochs)) for start in range(0, epochs, per)]
+
+
+def span_means(metrics: Path, key: str, steps_per_epoch: int, epochs: int, spans: int) -> list[float | None]:
+    """The mean of `key` over the logged steps of each of `span_epochs(epochs, spans)` (the TopK accuracy's
+    course over training); None for a run of epochs with no logged value (a run cut short)."""
+    runs = span_epochs(epochs, spans)
+    sums: list[list[float]] = [[] for _ in runs]
     for line in metrics.read_text().splitlines():
         record = json.loads(line)
         if key in record:
-            values[record["step"]] = record[key]
-    epochs = -(-max(values) // steps_per_epoch)
-    per_span = -(-epochs // spans)
-    sums: dict = {}
-    for step, value in values.items():
-        sums.setdefault(((step - 1) // steps_per_epoch) // per_span, []).append(value)
-    return [sum(v) / len(v) for _, v in sorted(sums.items())]
+            epoch = (record["step"] - 1) // steps_per_epoch  # steps count from 1
+            sums[min(epoch // len(runs[0]), len(runs) - 1)].append(record[key])
+    return [sum(v) / len(v) if v else None for v in sums]
 
 
 def evaluate(name: str, out: Path, skip_train: bool, seed: int | None = None) -> dict:
@@ -95,7 +99,8 @@ def evaluate(name: str, out: Path, skip_train: bool, seed: int | None = None) ->
             metrics, "train/topk_accuracy", steps_per_epoch)
         rec["loss_homocon_first_epoch"], rec["loss_homocon_last_epoch"] = first_last(
             metrics, "train/loss_homocon", steps_per_epoch)
-        rec["topk_accuracy_spans"] = span_means(metrics, "train/topk_accuracy", steps_per_epoch, CURVE_SPANS)
+        rec["topk_accuracy_spans"] = span_means(metrics, "train/topk_accuracy", steps_per_epoch, rec["epochs"],
+                                                CURVE_SPANS)
     _, rec["knn_command_wall_s"] = _run([py, "-m", "mixfast.eval.knn", str(run_dir)], logs / f"{tag}.knn.log")
     rec["knn_command_top1"] = _top1(run_dir / "eval" / "knn" / "knn_metrics.json")
     _, rec["finetune_wall_s"] = _run([py, "-m", "mixfast.eval.finetune", str(run_dir), *FINETUNE, "--no-progress"],
@@ -135,14 +140,13 @@ def markdown(records: list[dict]) -> str:
         rows.append(f"\nSeeds {', '.join(map(str, seeds))}: mean [min, max] over the seeds.")
     curves = [r for r in records if r.get("topk_accuracy_spans")]
     if curves:
-        n = max(len(r["topk_accuracy_spans"]) for r in curves)
-        per = -(-curves[0]["epochs"] // n)
-        spans = [f"epochs {i * per}-{min((i + 1) * per, curves[0]['epochs']) - 1}" for i in range(n)]
+        spans = span_epochs(curves[0]["epochs"], CURVE_SPANS)  # the recipes give every seed the same epochs
         rows += ["", "TopK accuracy over training (mean over the logged steps of each run of epochs; chance ≈ 25%):",
-                 "", "| run | " + " | ".join(spans) + " |", "|" + "---|" * (n + 1)]
+                 "", "| run | " + " | ".join(f"epochs {r[0]}-{r[-1]}" if len(r) > 1 else f"epoch {r[0]}" for r in spans) + " |",
+                 "|" + "---|" * (len(spans) + 1)]
         for r in curves:
-            rows.append(f"| `{r['config']}` seed {r.get('seed')} | "
-                        + " | ".join(f"{100 * v:.1f}%" for v in r["topk_accuracy_spans"]) + " |")
+            rows.append(f"| `{r['config']}` seed {r.get('seed')} | " + " | ".join(
+                "-" if v is None else f"{100 * v:.1f}%" for v in r["topk_accuracy_spans"]) + " |")
     return "\n".join(rows) + "\n"
 
 

@@ -67,16 +67,3 @@ def test_spread_is_the_value_or_mean_with_range():
     assert spread([90.0, 96.0, 93.0]) == "93.00% [90.00, 96.00]"
     assert spread([50.0, 61.0], "{:.0f}", " s") == "56 s [50, 61]"
 
-
-def test_span_means_are_the_means_over_equal_runs_of_epochs(tmp_path):
-    """demo_autoencoders' TopK-accuracy course: 7 epochs of 4 steps logged every 2 steps, in 3 spans of
-    ceil(7 / 3) = 3 epochs (the last span holds the 7th epoch alone); other keys and lines are ignored."""
-    from demo_autoencoders import span_means
-    metrics = tmp_path / "metrics.jsonl"
-    lines = []
-    for step in range(2, 29, 2):  # steps 2, 4, ..., 28; epoch e holds steps 4e+1 .. 4e+4
-        lines.append(json.dumps({"step": step, "train/topk_accuracy": float(step)}))
-        lines.append(json.dumps({"step": step, "eval/knn_top1": 99.0}))
-    metrics.write_text("\n".join(lines) + "\n")
-    spans = {0: [2, 4, 6, 8, 10, 12], 1: [14, 16, 18, 20, 22, 24], 2: [26, 28]}  # epochs 0-2, 3-5, 6
-    assert span_means(metrics, "train/topk_accuracy", 4, 3) == [sum(v) / len(v) for v in spans.values()]
