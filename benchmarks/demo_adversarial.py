@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -34,10 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_frameworks import reuse_training, save_training, spread  # noqa: E402
+from demo_frameworks import _KNN_LINE, reuse_training, save_training, spread  # noqa: E402
 
 DEMOS = ["demo_adios", "demo_sequential"]
-_KNN_LINE = re.compile(r"kNN top-1: random-init ([\d.]+)% -> trained ([\d.]+)%")
 
 
 def _seed_sets(seed: int | None) -> list[str]:

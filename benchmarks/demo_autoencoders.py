@@ -36,12 +36,18 @@ CURVE_SPANS = 6  # the TopK accuracy's course: means over 6 equal runs of epochs
 FINETUNE = ["--labels", "10", "--recipe", "vit", "--batch-size", "64", "--epochs", "30", "--warmup-epochs", "3"]
 
 
-def first_last(metrics: Path, key: str, steps_per_epoch: int) -> tuple[float, float]:
+def logged(metrics: Path, key: str) -> dict[int, float]:
+    """step -> value of `key` in a run's metrics.jsonl (a step logged again after a resume: the last line)."""
     values = {}
     for line in metrics.read_text().splitlines():
         record = json.loads(line)
         if key in record:
             values[record["step"]] = record[key]
+    return values
+
+
+def first_last(metrics: Path, key: str, steps_per_epoch: int) -> tuple[float, float]:
+    values = logged(metrics, key)
     steps = sorted(values)
     first = [values[s] for s in steps if s <= steps_per_epoch]
     last = [values[s] for s in steps if s > steps[-1] - steps_per_epoch]
@@ -59,11 +65,9 @@ def span_means(metrics: Path, key: str, steps_per_epoch: int, epochs: int, spans
     course over training); None for a run of epochs with no logged value (a run cut short)."""
     runs = span_epochs(epochs, spans)
     sums: list[list[float]] = [[] for _ in runs]
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line)
-        if key in record:
-            epoch = (record["step"] - 1) // steps_per_epoch  # steps count from 1
-            sums[min(epoch // len(runs[0]), len(runs) - 1)].append(record[key])
+    for step, value in logged(metrics, key).items():
+        epoch = (step - 1) // steps_per_epoch  # steps count from 1
+        sums[min(epoch // len(runs[0]), len(runs) - 1)].append(value)
     return [sum(v) / len(v) if v else None for v in sums]
 
 
@@ -141,9 +145,9 @@ def markdown(records: list[dict]) -> str:
     curves = [r for r in records if r.get("topk_accuracy_spans")]
     if curves:
         spans = span_epochs(curves[0]["epochs"], CURVE_SPANS)  # the recipes give every seed the same epochs
+        labels = [f"epochs {r[0]}-{r[-1]}" if len(r) > 1 else f"epoch {r[0]}" for r in spans]
         rows += ["", "TopK accuracy over training (mean over the logged steps of each run of epochs; chance ≈ 25%):",
-                 "", "| run | " + " | ".join(f"epochs {r[0]}-{r[-1]}" if len(r) > 1 else f"epoch {r[0]}" for r in spans) + " |",
-                 "|" + "---|" * (len(spans) + 1)]
+                 "", "| run | " + " | ".join(labels) + " |", "|" + "---|" * (len(spans) + 1)]
         for r in curves:
             rows.append(f"| `{r['config']}` seed {r.get('seed')} | " + " | ".join(
                 "-" if v is None else f"{100 * v:.1f}%" for v in r["topk_accuracy_spans"]) + " |")
